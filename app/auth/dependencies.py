@@ -1,0 +1,77 @@
+"""FastAPI dependencies: who is calling, and may they do this."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.auth.service import Principal, authenticate, key_from_authorization
+from app.config import Settings
+from app.db.session import SessionDep
+from app.kit.errors import PermissionDenied, RateLimited
+from app.models import Scope
+
+# Documents bearer auth in the OpenAPI file; the header itself is parsed strictly below.
+_bearer_doc = HTTPBearer(auto_error=False, description="A tunegate API key: `tg-<prefix>-<secret>`.")
+
+
+class RateLimiter:
+    """Fixed one-minute windows per key, in process memory (per replica)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def check(self, key_id: str) -> None:
+        if self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        window = int(now // 60)
+        start, count = self._windows.get(key_id, (window, 0))
+        if start != window:
+            start, count = window, 0
+        if count >= self.per_minute:
+            retry_after = max(1, math.ceil((window + 1) * 60 - now))
+            raise RateLimited(
+                f"Rate limit reached: {self.per_minute} requests per minute for this key. "
+                f"Retry in {retry_after} s.",
+                headers={"Retry-After": str(retry_after)},
+            )
+        self._windows[key_id] = (start, count + 1)
+        if len(self._windows) > 100_000:  # forget idle keys so memory stays bounded
+            self._windows = {k: v for k, v in self._windows.items() if v[0] == window}
+
+
+async def current_principal(
+    request: Request,
+    session: SessionDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer_doc)] = None,
+) -> Principal:
+    settings: Settings = request.app.state.settings
+    key = key_from_authorization(request.headers.get("authorization"))
+    principal = await authenticate(session, key, settings)
+    request.app.state.rate_limiter.check(principal.key_id)
+    return principal
+
+
+def require(scope: Scope) -> object:
+    async def dependency(
+        principal: Annotated[Principal, Depends(current_principal)],
+    ) -> Principal:
+        if not principal.scope.allows(scope):
+            raise PermissionDenied(
+                f"This API key has scope '{principal.scope.value}'; this request needs "
+                f"'{scope.value}'."
+            )
+        return principal
+
+    return Depends(dependency)
+
+
+ReadPrincipal = Annotated[Principal, require(Scope.read)]
+WritePrincipal = Annotated[Principal, require(Scope.write)]
+AdminPrincipal = Annotated[Principal, require(Scope.admin)]

@@ -1,0 +1,268 @@
+"""The `tunegate` command: serve, migrate, worker, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import __version__
+from app.config import LogFormat, LogSettings, Settings
+from app.kit.logging import configure_logging
+from app.models import Scope
+
+T = TypeVar("T")
+
+cli = typer.Typer(
+    name="tunegate",
+    help="Self-hosted, OpenAI-compatible control plane for fine-tuning LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's message says which variable is wrong
+        err.print(f"[red]Invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _database_url(settings: Settings) -> str:
+    from app.db.engine import resolve_database_url
+
+    return resolve_database_url(settings)
+
+
+def _migrate(url: str) -> None:
+    from app.db.migrate import upgrade_to_head
+
+    upgrade_to_head(url)
+
+
+def _quiet_logging(settings: Settings) -> None:
+    configure_logging(LogSettings(level="WARNING", format=LogFormat.console))
+
+
+def _with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run `work` in one committed transaction (migrating first in development)."""
+    from app.db.engine import Database, create_engine
+
+    url = _database_url(settings)
+    if not settings.is_production:
+        _migrate(url)
+
+    async def run() -> T:
+        database = Database(create_engine(url, settings))
+        try:
+            async with database.sessionmaker() as session, session.begin():
+                return await work(session)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(run())
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply every pending database migration."""
+    settings = _settings()
+    configure_logging(settings.log)
+    _migrate(_database_url(settings))
+    err.print("[green]database schema is at the latest migration[/green]")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (TUNEGATE_SERVER__HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (TUNEGATE_SERVER__PORT).")] = None,
+    no_workers: Annotated[
+        bool, typer.Option("--no-workers", help="API only; run `tunegate worker` elsewhere.")
+    ] = False,
+    migrate: Annotated[
+        bool | None,
+        typer.Option(
+            "--migrate/--no-migrate", help="Apply migrations first (default: in development)."
+        ),
+    ] = None,
+) -> None:
+    """Start the HTTP API (and, unless --no-workers, every worker role) in this process."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings()
+    configure_logging(settings.log)
+    if migrate if migrate is not None else not settings.is_production:
+        _migrate(_database_url(settings))
+    app = create_app(settings, run_workers=not no_workers)
+    config = uvicorn.Config(
+        app,
+        host=host or settings.server.host,
+        port=port or settings.server.port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.server.graceful_shutdown.total_seconds()),
+    )
+    uvicorn.Server(config).run()
+
+
+@cli.command()
+def worker(
+    role: Annotated[
+        list[str] | None, typer.Option("--role", help="Role to run; repeat for several. Default: all.")
+    ] = None,
+) -> None:
+    """Run background worker roles (no HTTP API)."""
+    from app.db.engine import Database, create_engine
+    from app.workers.runner import ROLES, WorkerContext, WorkerRunner
+
+    settings = _settings()
+    configure_logging(settings.log)
+    roles = role or sorted(ROLES)
+    if not roles:
+        err.print("[yellow]No worker roles are registered in this version.[/yellow]")
+        raise typer.Exit(1)
+    url = _database_url(settings)
+
+    async def run() -> None:
+        import signal
+
+        database = Database(create_engine(url, settings))
+        try:
+            runner = WorkerRunner(WorkerContext(settings, database), roles)
+        except ValueError as exc:
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+        runner.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.stop(settings.server.graceful_shutdown.total_seconds())
+        await database.dispose()
+
+    asyncio.run(run())
+
+
+@keys_cli.command("create")
+def keys_create(
+    project: Annotated[str, typer.Option(help="Project name (created if missing) or id.")],
+    scope: Annotated[Scope, typer.Option(help="admin, write or read.")] = Scope.write,
+    name: Annotated[str | None, typer.Option(help="A label for people.")] = None,
+) -> None:
+    """Create an API key and print it once (on stdout, alone, for scripts)."""
+    from app.auth import service as auth
+    from app.kit.errors import APIError
+    from app.projects import service as projects
+
+    settings = _settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> tuple[str, str, str]:
+        if project.startswith("proj_"):
+            target = await projects.get(session, project)
+        else:
+            target = await projects.get_or_create(session, project)
+        row, plaintext = await auth.create_key(session, target, scope, name)
+        return plaintext, row.id, target.name
+
+    try:
+        plaintext, key_id, project_name = _with_session(settings, work)
+    except APIError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    err.print(
+        f"Created {scope.value} key {key_id} for project '{project_name}'. "
+        "It is shown only now; store it safely:"
+    )
+    typer.echo(plaintext)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    prefix: Annotated[str, typer.Argument(help="The key's visible prefix, its id, or the key.")],
+) -> None:
+    """Revoke a key: it answers 401 from now on."""
+    from app.auth import service as auth
+    from app.kit.errors import APIError
+
+    settings = _settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> str:
+        key = await auth.revoke_key(session, await auth.find_one_key(session, prefix))
+        return key.id
+
+    try:
+        key_id = _with_session(settings, work)
+    except APIError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"Revoked key {key_id}.")
+
+
+@keys_cli.command("list")
+def keys_list(
+    project: Annotated[str | None, typer.Option(help="Only this project (name or id).")] = None,
+) -> None:
+    """List keys (visible prefixes only)."""
+    from app.auth.repository import ApiKeyLookup
+    from app.kit.errors import APIError
+    from app.models import ApiKey
+    from app.projects import service as projects
+
+    settings = _settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> list[tuple[ApiKey, str]]:
+        project_id = None
+        if project is not None:
+            project_id = (await projects.get_by_id_or_name(session, project)).id
+        return await ApiKeyLookup(session).all_with_project_names(project_id)
+
+    try:
+        rows = _with_session(settings, work)
+    except APIError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    table = Table("id", "prefix", "project", "scope", "created", "last used", "revoked")
+    for key, project_name in rows:
+        table.add_row(
+            key.id,
+            key.prefix,
+            project_name,
+            key.scope,
+            f"{key.created_at:%Y-%m-%d %H:%M}",
+            f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "-",
+            f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-",
+        )
+    Console().print(table)
+
+
+def main() -> None:
+    cli(prog_name="tunegate")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""One typed Settings object for the whole service.
+
+Every variable starts with ``TUNEGATE_``; groups nest with a double underscore
+(``TUNEGATE_LOG__LEVEL``). ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` keep the names the
+``openai`` SDK uses. The README's configuration table lists every setting.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that people paste from examples; refused as secrets outside development.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "password", "admin", "test", "example", "xxx"}
+)
+MIN_PRODUCTION_SECRET_LENGTH = 20
+
+
+class Environment(enum.StrEnum):
+    development = "development"
+    production = "production"
+
+
+class LogFormat(enum.StrEnum):
+    json = "json"
+    console = "console"
+
+
+class LogSettings(BaseModel):
+    # DEBUG shows SQL-level detail from our own code; INFO is one line per request.
+    level: str = "INFO"
+    # json for machines (default), console for a person reading a terminal.
+    format: LogFormat = LogFormat.json
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return upper
+
+
+class DatabaseSettings(BaseModel):
+    # Connections kept open per process; more serves more concurrent requests, costs server memory.
+    pool_size: int = Field(default=10, ge=1, le=200)
+    # Extra connections allowed under bursts beyond pool_size.
+    max_overflow: int = Field(default=10, ge=0, le=200)
+    # How long a request waits for a free connection before failing.
+    pool_timeout: timedelta = timedelta(seconds=10)
+    # Server-side statement timeout; protects the database from runaway queries.
+    statement_timeout: timedelta = timedelta(seconds=30)
+
+
+class AuthSettings(BaseModel):
+    # last_used_at is written at most this often per key: fresher data costs a write per request.
+    last_used_resolution: timedelta = timedelta(seconds=60)
+    # Requests per minute per API key (0 = unlimited). Per process: divide by the replica count.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+
+
+class ServerSettings(BaseModel):
+    # Address `tunegate serve` binds to; 127.0.0.1 keeps a development instance private.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Seconds to finish in-flight requests on shutdown before they are cut.
+    graceful_shutdown: timedelta = timedelta(seconds=20)
+
+
+class OpenAISettings(BaseModel):
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    organization: str | None = None
+    project: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNEGATE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    # development: friendly defaults, http and loopback webhook targets allowed.
+    # production: refuses placeholder secrets, https-only webhooks, private addresses blocked.
+    env: Environment = Environment.development
+    # Unset: an embedded PostgreSQL in DATA_DIR/postgres, started and stopped with the process.
+    database_url: SecretStr | None = None
+    # Embedded database, blobs and other local state live here.
+    data_dir: Path = Path(".tunegate")
+    # If no admin key exists yet, project `default` is created with this key as its admin key.
+    bootstrap_admin_key: SecretStr | None = None
+    # Largest JSON request body; bigger bodies get 413 without being read to the end.
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    log: LogSettings = LogSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    server: ServerSettings = ServerSettings()
+
+    # Read from the names the openai SDK itself uses.
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "TUNEGATE_OPENAI__API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "TUNEGATE_OPENAI__BASE_URL"),
+    )
+    openai_organization: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_ORG_ID", "TUNEGATE_OPENAI__ORGANIZATION"),
+    )
+    openai_project: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_PROJECT_ID", "TUNEGATE_OPENAI__PROJECT"),
+    )
+
+    @property
+    def openai(self) -> OpenAISettings:
+        return OpenAISettings(
+            api_key=self.openai_api_key,
+            base_url=self.openai_base_url,
+            organization=self.openai_organization,
+            project=self.openai_project,
+        )
+
+    @property
+    def is_production(self) -> bool:
+        return self.env is Environment.production
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_in_production(self) -> Settings:
+        if not self.is_production:
+            return self
+        key = self.bootstrap_admin_key
+        if key is not None:
+            value = key.get_secret_value()
+            if value.lower() in PLACEHOLDER_SECRETS or len(value) < MIN_PRODUCTION_SECRET_LENGTH:
+                raise ValueError(
+                    "TUNEGATE_BOOTSTRAP_ADMIN_KEY looks like a placeholder; in production it must "
+                    f"be a random value of at least {MIN_PRODUCTION_SECRET_LENGTH} characters "
+                    "(tunegate keys create prints one)"
+                )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Database access: engine, the embedded PostgreSQL, units of work, repositories, migrations."""

@@ -1,0 +1,105 @@
+"""The FastAPI application: `create_app()` wires settings, database, routes and plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from prometheus_client import CollectorRegistry
+
+from app import __version__
+from app.auth import service as auth_service
+from app.auth.dependencies import RateLimiter
+from app.auth.endpoints import router as api_keys_router
+from app.config import Settings, get_settings
+from app.db.embedded import stop_embedded_postgres
+from app.db.engine import Database, create_engine, resolve_database_url
+from app.db.migrate import is_at_head
+from app.health.endpoints import router as health_router
+from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_error_handlers
+from app.kit.logging import get_logger
+from app.kit.metrics import HTTPMetrics
+from app.projects.endpoints import router as projects_router
+from app.workers.runner import ROLES, WorkerContext, WorkerRunner
+
+log = get_logger("tunegate.app")
+
+
+def operation_id(route: APIRoute) -> str:
+    """Stable operation ids: the endpoint function's name (unique across the app)."""
+    return route.name
+
+
+async def _open_database(settings: Settings) -> Database:
+    url = await asyncio.to_thread(resolve_database_url, settings)
+    return Database(create_engine(url, settings))
+
+
+async def _bootstrap(app: FastAPI) -> None:
+    database: Database = app.state.database
+    settings: Settings = app.state.settings
+    async with database.engine.connect() as conn:
+        if not await is_at_head(conn):
+            log.warning("database schema is not at head; run `tunegate migrate`")
+            return
+    async with database.sessionmaker() as session, session.begin():
+        created = await auth_service.ensure_bootstrap_admin(session, settings)
+    if created is not None:
+        log.info("bootstrap admin key registered", project="default", prefix=created.prefix)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    owns_database = getattr(app.state, "database", None) is None
+    if owns_database:
+        app.state.database = await _open_database(settings)
+    runner: WorkerRunner | None = None
+    try:
+        await _bootstrap(app)
+        if app.state.run_workers:
+            runner = WorkerRunner(WorkerContext(settings, app.state.database), list(ROLES))
+            runner.start()
+        yield
+    finally:
+        if runner is not None:
+            await runner.stop(settings.server.graceful_shutdown.total_seconds())
+        if owns_database:
+            await app.state.database.dispose()
+            stop_embedded_postgres()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    database: Database | None = None,
+    run_workers: bool = False,
+) -> FastAPI:
+    """Build the app. `database` is opened by the lifespan when not given (tests pass one)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="tunegate",
+        version=__version__,
+        summary="Self-hosted, OpenAI-compatible control plane for fine-tuning LLMs.",
+        lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+    )
+    app.state.settings = settings
+    app.state.database = database
+    app.state.run_workers = run_workers
+    app.state.metrics_registry = CollectorRegistry()
+    app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
+
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        body_limit=body_limit_by_path(settings.max_request_bytes),
+        metrics=HTTPMetrics(app.state.metrics_registry),
+    )
+    app.include_router(health_router)
+    app.include_router(projects_router)
+    app.include_router(api_keys_router)
+    return app

@@ -1,0 +1,1 @@
+"""Projects: the tenants every other object belongs to."""

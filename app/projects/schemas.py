@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.kit.time import to_unix
+from app.models import Project
+from app.projects.service import NAME_PATTERN
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+
+
+class ProjectObject(BaseModel):
+    id: str
+    object: Literal["project"] = "project"
+    name: str
+    created_at: int
+
+    @classmethod
+    def of(cls, row: Project) -> ProjectObject:
+        return cls(id=row.id, name=row.name, created_at=to_unix(row.created_at) or 0)

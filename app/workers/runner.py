@@ -1,0 +1,75 @@
+"""Runs worker roles as asyncio tasks and stops them gracefully.
+
+A role is an async callable `loop(context, stop)` that works until `stop` is set. `tunegate
+serve` runs every registered role inside the API process (the embedded default); production runs
+`tunegate serve --no-workers` plus `tunegate worker --role ...` processes. Domains register their
+roles in `ROLES` (see each domain's `tasks.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from app.config import Settings
+from app.db.engine import Database
+from app.kit.logging import get_logger
+
+log = get_logger("tunegate.workers")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    database: Database
+
+
+RoleLoop = Callable[[WorkerContext, asyncio.Event], Awaitable[None]]
+
+ROLES: dict[str, RoleLoop] = {}
+
+
+def register_role(name: str, loop: RoleLoop) -> None:
+    ROLES[name] = loop
+
+
+class WorkerRunner:
+    def __init__(self, context: WorkerContext, roles: Iterable[str]) -> None:
+        unknown = [role for role in roles if role not in ROLES]
+        if unknown:
+            known = ", ".join(sorted(ROLES)) or "none"
+            raise ValueError(f"unknown worker role(s) {', '.join(unknown)}; known: {known}")
+        self.context = context
+        self.roles = list(roles)
+        self.stop_event = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for role in self.roles:
+            self.tasks.append(asyncio.create_task(self._run(role), name=f"worker:{role}"))
+        log.info("workers started", roles=self.roles)
+
+    async def _run(self, role: str) -> None:
+        # A crashing loop restarts after a pause instead of silently stopping its role.
+        while not self.stop_event.is_set():
+            try:
+                await ROLES[role](self.context, self.stop_event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker role crashed; restarting in 5 s", role=role)
+                try:
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=5)
+                except TimeoutError:
+                    pass
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        self.stop_event.set()
+        if not self.tasks:
+            return
+        done, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        log.info("workers stopped", roles=self.roles)
