@@ -269,7 +269,7 @@ def parse_json_body(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         reason = exc.msg
-        if "recursion" in reason.lower():
+        if "recursion" in reason.lower() or "depth" in reason.lower():
             reason = "nested too deeply (at most 1024 levels)"
         raise BadRequest(
             f"We could not parse the JSON body of your request: {reason} "
@@ -361,13 +361,26 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
             f"Invalid URL ({request.method} {request.url.path})", code="unknown_url"
         )
     elif exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
         body = error_body(
-            f"Method {request.method} is not allowed for {request.url.path}.",
+            f"Method {request.method} is not allowed for {request.url.path}; "
+            f"allowed: {', '.join(allowed)}.",
             code="method_not_allowed",
         )
     else:
         body = error_body(str(exc.detail), code=None)
     return error_response(exc.status_code, body, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method any route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods - {"HEAD"}) or ["GET"]
 
 
 def install_error_handlers(app: FastAPI) -> None:
