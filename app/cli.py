@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -89,6 +88,35 @@ def migrate() -> None:
     err.print("[green]database schema is at the latest migration[/green]")
 
 
+def _graceful_server_class() -> type:
+    import signal
+    import threading
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would end
+        "killed by signal". A finished graceful stop is a clean exit (status 0) here."""
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {
+                sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
 @cli.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (TUNEGATE_SERVER__HOST).")] = None,
@@ -123,13 +151,14 @@ def serve(
         server_header=False,
         timeout_graceful_shutdown=int(settings.server.graceful_shutdown.total_seconds()),
     )
-    uvicorn.Server(config).run()
+    _graceful_server_class()(config).run()
 
 
 @cli.command()
 def worker(
     role: Annotated[
-        list[str] | None, typer.Option("--role", help="Role to run; repeat for several. Default: all.")
+        list[str] | None,
+        typer.Option("--role", help="Role to run; repeat for several. Default: all."),
     ] = None,
 ) -> None:
     """Run background worker roles (no HTTP API)."""
@@ -265,4 +294,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

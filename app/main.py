@@ -69,7 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await runner.stop(settings.server.graceful_shutdown.total_seconds())
         if owns_database:
             await app.state.database.dispose()
-            stop_embedded_postgres()
+            if settings.database_url is None:
+                stop_embedded_postgres()
 
 
 def create_app(

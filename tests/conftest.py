@@ -121,7 +121,9 @@ async def client_for(app: Any) -> AsyncIterator[ClientFactory]:
     def make(key: str | None = None, target: Any = None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         transport = httpx.ASGITransport(app=target or app, raise_app_exceptions=False)
-        client = httpx.AsyncClient(transport=transport, base_url="http://tunegate.test", headers=headers)
+        client = httpx.AsyncClient(
+            transport=transport, base_url="http://tunegate.test", headers=headers
+        )
         clients.append(client)
         return client
 

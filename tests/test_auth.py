@@ -91,16 +91,14 @@ async def test_last_used_at_is_recorded_without_a_write_per_request(
     api = client_for(creds.key)
     assert creds.key_row.last_used_at is None
     assert (await api.get("/v1/projects")).status_code == 200
-    first = await session.scalar(
-        select(ApiKey.last_used_at).where(ApiKey.id == creds.key_row.id)
-    )
+    first = await session.scalar(select(ApiKey.last_used_at).where(ApiKey.id == creds.key_row.id))
     assert first is not None
     for _ in range(3):
         assert (await api.get("/v1/projects")).status_code == 200
     again = await session.scalar(
-        select(ApiKey.last_used_at).where(ApiKey.id == creds.key_row.id).execution_options(
-            populate_existing=True
-        )
+        select(ApiKey.last_used_at)
+        .where(ApiKey.id == creds.key_row.id)
+        .execution_options(populate_existing=True)
     )
     assert again == first  # within the resolution (60 s): no further writes
 

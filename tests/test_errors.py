@@ -26,11 +26,17 @@ async def test_wrong_method_is_405_envelope(admin) -> None:
     assert "GET" in response.headers["allow"]
 
 
-async def test_body_over_the_limit_declared_is_413_before_reading(app_factory, client_for, factories):
+async def test_body_over_the_limit_declared_is_413_before_reading(
+    app_factory, client_for, factories
+):
     small = app_factory(max_request_bytes=2048)
     creds = await factories.key(scope=Scope.admin)
     api = client_for(creds.key, target=small)
-    response = await api.post("/v1/projects", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"})
+    response = await api.post(
+        "/v1/projects",
+        content=b"{" + b" " * 5000 + b"}",
+        headers={"content-type": "application/json"},
+    )
     error = assert_envelope(response, 413, "request_too_large")
     assert "2048" in error["message"]
 
@@ -56,7 +62,11 @@ async def test_streamed_body_over_the_limit_is_cut_off_unread(app_factory, clien
 
 
 async def test_non_json_content_type_is_415(admin) -> None:
-    response = await admin.post("/v1/projects", content=b"name=x", headers={"content-type": "application/x-www-form-urlencoded"})
+    response = await admin.post(
+        "/v1/projects",
+        content=b"name=x",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert_envelope(response, 415, "unsupported_media_type")
 
 
@@ -72,7 +82,9 @@ async def test_non_json_content_type_is_415(admin) -> None:
         (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
     ],
 )
-async def test_malformed_json_is_400_with_reason(app_factory, client_for, factories, body, fragment):
+async def test_malformed_json_is_400_with_reason(
+    app_factory, client_for, factories, body, fragment
+):
     roomy = app_factory(max_request_bytes=1024 * 1024)
     creds = await factories.key(scope=Scope.admin)
     response = await client_for(creds.key, target=roomy).post(
@@ -85,7 +97,9 @@ async def test_malformed_json_is_400_with_reason(app_factory, client_for, factor
 
 async def test_json_with_bom_is_accepted(admin) -> None:
     response = await admin.post(
-        "/v1/projects", content='\ufeff{"name": "bom-ok"}'.encode(), headers={"content-type": "application/json"}
+        "/v1/projects",
+        content='\ufeff{"name": "bom-ok"}'.encode(),
+        headers={"content-type": "application/json"},
     )
     assert response.status_code == 200, response.text
 
@@ -113,7 +127,12 @@ async def test_empty_body_where_one_is_required_is_422(admin) -> None:
 
 @pytest.mark.parametrize(
     ("query", "param"),
-    [("limit=abc", "limit"), ("limit=0", "limit"), ("limit=101", "limit"), ("order=sideways", "order")],
+    [
+        ("limit=abc", "limit"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("order=sideways", "order"),
+    ],
 )
 async def test_query_parameters_of_the_wrong_type_are_422(admin, query, param) -> None:
     error = assert_envelope(await admin.get(f"/v1/projects?{query}"), 422)

@@ -16,7 +16,9 @@ from app.kit.errors import PermissionDenied, RateLimited
 from app.models import Scope
 
 # Documents bearer auth in the OpenAPI file; the header itself is parsed strictly below.
-_bearer_doc = HTTPBearer(auto_error=False, description="A tunegate API key: `tg-<prefix>-<secret>`.")
+_bearer_doc = HTTPBearer(
+    auto_error=False, description="A tunegate API key: `tg-<prefix>-<secret>`."
+)
 
 
 class RateLimiter:

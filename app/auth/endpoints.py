@@ -49,9 +49,7 @@ async def list_api_keys(
 
 
 @router.get("/{key_id}", response_model=ApiKeyObject)
-async def retrieve_api_key(
-    key_id: KeyId, _: AdminPrincipal, session: SessionDep
-) -> ApiKeyObject:
+async def retrieve_api_key(key_id: KeyId, _: AdminPrincipal, session: SessionDep) -> ApiKeyObject:
     return ApiKeyObject.of(await service.find_one_key(session, key_id))
 
 

@@ -15,7 +15,9 @@ from app.kit.ids import random_token
 KEY_PREFIX = "tg"
 PREFIX_LENGTH = 10
 SECRET_LENGTH = 40
-_WELL_FORMED = re.compile(rf"^{KEY_PREFIX}-([A-Za-z0-9]{{{PREFIX_LENGTH}}})-[A-Za-z0-9]{{{SECRET_LENGTH}}}$")
+_WELL_FORMED = re.compile(
+    rf"^{KEY_PREFIX}-([A-Za-z0-9]{{{PREFIX_LENGTH}}})-[A-Za-z0-9]{{{SECRET_LENGTH}}}$"
+)
 # Bootstrap keys chosen by an operator may have any shape; this bounds what we accept at all.
 _ACCEPTABLE = re.compile(r"^[\x21-\x7e]{8,256}$")
 

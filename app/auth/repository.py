@@ -49,6 +49,7 @@ class ApiKeyRepository(ProjectScopedRepository[ApiKey]):
     model = ApiKey
 
     async def by_id_or_prefix(self, ident: str) -> ApiKey | None:
-        return await self.session.scalar(
+        found: ApiKey | None = await self.session.scalar(
             self.select().where(or_(ApiKey.id == ident, ApiKey.prefix == ident)).limit(1)
         )
+        return found

@@ -23,9 +23,7 @@ _MISSING_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
-_MALFORMED = (
-    "Malformed Authorization header: expected exactly 'Bearer <key>' with a single space."
-)
+_MALFORMED = "Malformed Authorization header: expected exactly 'Bearer <key>' with a single space."
 _INCORRECT = "Incorrect API key provided."
 _REVOKED = "This API key has been revoked."
 
@@ -67,7 +65,10 @@ async def authenticate(session: AsyncSession, key: str, settings: Settings) -> P
     if last is None or now - last >= settings.auth.last_used_resolution:
         await lookup.touch(stored.id, now)
     return Principal(
-        key_id=stored.id, project_id=stored.project_id, scope=Scope(stored.scope), prefix=stored.prefix
+        key_id=stored.id,
+        project_id=stored.project_id,
+        scope=Scope(stored.scope),
+        prefix=stored.prefix,
     )
 
 

@@ -32,7 +32,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         import pgserver  # imported lazily: only the embedded mode needs it
 
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
         _servers[pgdata] = server
     return asyncpg_url_from_libpq(server.get_uri())
 

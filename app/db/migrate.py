@@ -16,7 +16,7 @@ FILE_TEMPLATE = "%%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s"
 
 
 def migrations_dir() -> Path:
-    """`TUNEGATE_MIGRATIONS_DIR`, else `migrations/` beside the `app` package (a source checkout)."""
+    """`TUNEGATE_MIGRATIONS_DIR`, else `migrations/` beside the `app` package (source tree)."""
     configured = os.environ.get("TUNEGATE_MIGRATIONS_DIR")
     candidates = [Path(configured)] if configured else []
     candidates += [Path(__file__).resolve().parents[2] / "migrations", Path.cwd() / "migrations"]

@@ -14,7 +14,7 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.base import Base
-from app.kit.errors import BadRequest
+from app.kit.errors import NotFound
 from app.kit.pagination import Order, PageParams
 
 ModelT = TypeVar("ModelT", bound=Base)
@@ -26,21 +26,25 @@ class Repository(Generic[ModelT]):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    def select(self) -> Select[tuple[ModelT]]:
+    def select(self) -> Select[Any]:
         return select(self.model)
 
-    async def get(self, id: str) -> ModelT | None:  # noqa: A002 - mirrors Session.get
-        return await self.session.scalar(self.select().where(self._id_column() == id))
+    async def get(self, id: str) -> ModelT | None:
+        found: ModelT | None = await self.session.scalar(
+            self.select().where(self._id_column() == id)
+        )
+        return found
 
-    async def list(self, statement: Select[tuple[ModelT]]) -> Sequence[ModelT]:
-        return (await self.session.scalars(statement)).all()
+    async def list(self, statement: Select[Any]) -> Sequence[ModelT]:
+        rows: Sequence[ModelT] = (await self.session.scalars(statement)).all()
+        return rows
 
     def add(self, obj: ModelT) -> ModelT:
         self.session.add(obj)
         return obj
 
     async def paginate(
-        self, statement: Select[tuple[ModelT]], params: PageParams
+        self, statement: Select[Any], params: PageParams
     ) -> tuple[Sequence[ModelT], bool]:
         """Keyset page of `statement` on (created_at, id); returns (rows, has_more).
 
@@ -49,12 +53,12 @@ class Repository(Generic[ModelT]):
         """
         created = self.model.created_at  # type: ignore[attr-defined]
         ident = self._id_column()
-        if params.after is not None:
+        if params.after:
             anchor = await self.session.scalar(
                 self.select().with_only_columns(created).where(ident == params.after)
             )
             if anchor is None:
-                raise BadRequest(f"No object with id '{params.after}' to page after.", param="after")
+                raise NotFound(f"No object with id '{params.after}' to page after.", param="after")
             if params.order is Order.desc:
                 statement = statement.where(
                     or_(created < anchor, and_(created == anchor, ident < params.after))
@@ -67,7 +71,9 @@ class Repository(Generic[ModelT]):
             statement = statement.order_by(created.desc(), ident.desc())
         else:
             statement = statement.order_by(created.asc(), ident.asc())
-        rows = (await self.session.scalars(statement.limit(params.limit + 1))).all()
+        rows: Sequence[ModelT] = (
+            await self.session.scalars(statement.limit(params.limit + 1))
+        ).all()
         return rows[: params.limit], len(rows) > params.limit
 
     async def flush(self) -> None:
@@ -84,7 +90,7 @@ class ProjectScopedRepository(Repository[ModelT]):
         super().__init__(session)
         self.project_id = project_id
 
-    def select(self) -> Select[tuple[ModelT]]:
+    def select(self) -> Select[Any]:
         return select(self.model).where(self.model.project_id == self.project_id)  # type: ignore[attr-defined]
 
     def add(self, obj: ModelT) -> ModelT:

@@ -13,11 +13,11 @@ from starlette.responses import Response
 from app.db.engine import Database
 from app.db.migrate import is_at_head
 from app.kit.errors import ServiceUnavailable
-from app.kit.http import ERROR_RESPONSES
+from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.logging import get_logger
 
 log = get_logger("tunegate.health")
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JSONRoute)
 
 READINESS_TIMEOUT_SECONDS = 3.0
 
@@ -45,7 +45,9 @@ async def readyz(request: Request) -> Readiness:
             at_head = await is_at_head(conn)
     except Exception as exc:
         log.warning("readiness check failed", error=type(exc).__name__)
-        raise ServiceUnavailable("The database is not reachable.", code="database_unavailable") from None
+        raise ServiceUnavailable(
+            "The database is not reachable.", code="database_unavailable"
+        ) from None
     if not at_head:
         raise ServiceUnavailable(
             "The database schema is not at the latest migration: run `tunegate migrate`.",
@@ -57,4 +59,6 @@ async def readyz(request: Request) -> Readiness:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST
+    )

@@ -96,7 +96,7 @@ class ServiceUnavailable(APIError):
 def error_body(
     message: str,
     *,
-    type: str = "invalid_request_error",  # noqa: A002 - the envelope's own field name
+    type: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from email.message import Message as EmailMessage
 from typing import Any
 
 import orjson
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Form
 from fastapi.routing import APIRoute
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.kit.errors import (
     APIError,
     BadRequest,
+    InvalidPayload,
     PayloadTooLarge,
     UnsupportedMediaType,
     error_body,
@@ -70,6 +72,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: _error_doc("The key's scope does not allow this"),
     404: _error_doc("Not found in the caller's project"),
     405: _error_doc("Method not allowed"),
+    409: _error_doc("Conflicts with the current state (duplicate, in use, in progress)"),
     413: _error_doc("Request body too large"),
     415: _error_doc("Unsupported content type"),
     422: _error_doc("Invalid payload; `param` names the field"),
@@ -290,28 +293,54 @@ def _is_json_content_type(value: str | None) -> bool:
 
 
 class JSONRoute(APIRoute):
-    """Parses JSON bodies itself (orjson) so malformed input gets a precise 400 or 415."""
+    """Strict request parsing for every route: a query parameter given twice is refused, and
+    JSON bodies are parsed by orjson so malformed input gets a precise 400 or 415."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         body_field = self.body_field
         expects_json = body_field is not None and not isinstance(body_field.field_info, Form)
-        if not expects_json:
-            return handler
+        known_query = _query_parameter_names(self.dependant)
+        # `metadata[key]=value` style parameters a route accepts (openapi_extra x-dynamic-query).
+        dynamic = tuple(
+            f"{name}[" for name in (self.openapi_extra or {}).get("x-dynamic-query", ())
+        )
 
         async def route_handler(request: Request) -> Response:
-            body = await request.body()
-            if body:
-                content_type = request.headers.get("content-type")
-                if not _is_json_content_type(content_type):
-                    raise UnsupportedMediaType(
-                        f"Unsupported Content-Type {content_type or '(none)'!r}: "
-                        "send the body as JSON with 'Content-Type: application/json'."
-                    )
-                request._json = parse_json_body(body)
+            _check_query_parameters(request, known_query, dynamic)
+            if expects_json:
+                body = await request.body()
+                if body:
+                    content_type = request.headers.get("content-type")
+                    if not _is_json_content_type(content_type):
+                        raise UnsupportedMediaType(
+                            f"Unsupported Content-Type {content_type or '(none)'!r}: "
+                            "send the body as JSON with 'Content-Type: application/json'."
+                        )
+                    request._json = parse_json_body(body)
             return await handler(request)
 
         return route_handler
+
+
+def _query_parameter_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_parameter_names(sub)
+    return names
+
+
+def _check_query_parameters(request: Request, known: set[str], dynamic: tuple[str, ...]) -> None:
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name not in known and not (dynamic and name.startswith(dynamic) and name.endswith("]")):
+            accepted = ", ".join(sorted(known)) or "none"
+            raise InvalidPayload(
+                f"Unknown query parameter '{name}' (accepted: {accepted}).", param=name
+            )
+        if name in seen:
+            raise InvalidPayload(f"Query parameter '{name}' was given more than once.", param=name)
+        seen.add(name)
 
 
 # --- exception handlers ------------------------------------------------------------------------
@@ -357,9 +386,7 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers or {})
     if exc.status_code == 404:
-        body = error_body(
-            f"Invalid URL ({request.method} {request.url.path})", code="unknown_url"
-        )
+        body = error_body(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
     elif exc.status_code == 405:
         allowed = _allowed_methods(request)
         headers["Allow"] = ", ".join(allowed)

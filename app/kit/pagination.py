@@ -11,6 +11,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
+
 ItemT = TypeVar("ItemT", bound=BaseModel)
 
 DEFAULT_LIMIT = 20
@@ -48,7 +49,9 @@ class ListPage(BaseModel, Generic[ItemT]):
     has_more: bool = False
 
 
-def to_page(items: Sequence[ItemT], has_more: bool, id_of: Callable[[ItemT], str]) -> ListPage[ItemT]:
+def to_page(
+    items: Sequence[ItemT], has_more: bool, id_of: Callable[[ItemT], str]
+) -> ListPage[ItemT]:
     return ListPage[ItemT](
         data=list(items),
         first_id=id_of(items[0]) if items else None,

@@ -64,11 +64,11 @@ class WorkerRunner:
                 except TimeoutError:
                     pass
 
-    async def stop(self, timeout: float = 20.0) -> None:
+    async def stop(self, grace_seconds: float = 20.0) -> None:
         self.stop_event.set()
         if not self.tasks:
             return
-        done, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        _, pending = await asyncio.wait(self.tasks, timeout=grace_seconds)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
