@@ -168,9 +168,6 @@ def worker(
     settings = _settings()
     configure_logging(settings.log)
     roles = role or sorted(ROLES)
-    if not roles:
-        err.print("[yellow]No worker roles are registered in this version.[/yellow]")
-        raise typer.Exit(1)
     url = _database_url(settings)
 
     async def run() -> None:

@@ -46,6 +46,8 @@ class WorkerRunner:
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
+        if not self.roles:
+            log.warning("no worker roles to run; waiting for a stop signal")
         for role in self.roles:
             self.tasks.append(asyncio.create_task(self._run(role), name=f"worker:{role}"))
         log.info("workers started", roles=self.roles)
