@@ -149,7 +149,7 @@ def serve(
         access_log=False,
         proxy_headers=True,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.server.graceful_shutdown.total_seconds()),
+        timeout_graceful_shutdown=max(1, round(settings.server.graceful_shutdown.total_seconds())),
     )
     _graceful_server_class()(config).run()
 

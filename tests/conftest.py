@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +28,7 @@ from app.config import Settings
 from app.db.embedded import start_embedded_postgres, stop_embedded_postgres
 from app.db.engine import Database, create_engine, normalize_url
 from app.db.migrate import upgrade_to_head
+from app.files.storage import LocalBlobStorage
 from app.main import create_app
 from tests.factories import Factories
 
@@ -38,17 +42,22 @@ async def _reset_public_schema(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     configured = os.environ.get("TEST_DATABASE_URL")
+    scratch = None
     if configured:
         url = normalize_url(configured)
         asyncio.run(_reset_public_schema(url))
     else:
-        url = start_embedded_postgres(tmp_path_factory.mktemp("embedded-pg"))
+        # Not under pytest's tmp_path: pgserver runs PostgreSQL as its own user when we are root,
+        # and pytest's 0700 temporary directories would keep that user out.
+        scratch = Path(tempfile.mkdtemp(prefix="tunegate-test-pg-"))
+        url = start_embedded_postgres(scratch)
     upgrade_to_head(url)
     yield url
-    if not configured:
+    if scratch is not None:
         stop_embedded_postgres()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -93,16 +102,27 @@ async def session(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterat
 class AppFactory:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    data_dir: Path
 
-    def __call__(self, **overrides: Any) -> Any:
+    @property
+    def database(self) -> Database:
         database = Database(self.engine)
         database.sessionmaker = self.sessionmaker
-        return create_app(make_settings(**overrides), database=database)
+        return database
+
+    def storage(self) -> LocalBlobStorage:
+        return LocalBlobStorage(self.data_dir / "storage", self.data_dir / "tmp")
+
+    def __call__(self, **overrides: Any) -> Any:
+        settings = make_settings(data_dir=self.data_dir, **overrides)
+        return create_app(settings, database=self.database, storage=self.storage())
 
 
 @pytest.fixture
-def app_factory(engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession]) -> AppFactory:
-    return AppFactory(engine, sessionmaker)
+def app_factory(
+    engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> AppFactory:
+    return AppFactory(engine, sessionmaker, tmp_path / "data")
 
 
 @pytest.fixture

@@ -23,7 +23,42 @@ async def test_unknown_route_is_404_envelope(client) -> None:
 async def test_wrong_method_is_405_envelope(admin) -> None:
     response = await admin.put("/v1/projects", json={})
     assert_envelope(response, 405, "method_not_allowed")
-    assert "GET" in response.headers["allow"]
+    assert response.headers["allow"] == "GET, POST"
+    nested = await admin.put("/v1/api_keys/key_x")
+    assert nested.headers["allow"] == "DELETE, GET"
+    assert (await admin.get("/v1/api_keys/key_x/revoke")).headers["allow"] == "POST"
+
+
+async def test_trailing_slash_is_not_redirected(admin) -> None:
+    response = await admin.get("/v1/projects/", headers={"host": "evil.example"})
+    assert_envelope(response, 404)
+    assert "location" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/v1/projects/%00", "/v1/projects?after=%00", "/v1/api_keys/%00"],
+)
+async def test_nul_characters_are_refused_cleanly(admin, url) -> None:
+    response = await admin.get(url)
+    assert response.status_code in (404, 422), response.text
+    assert_envelope(response, response.status_code)
+
+
+async def test_nul_in_json_is_400(admin) -> None:
+    response = await admin.post(
+        "/v1/projects",
+        content=b'{"name": "x\\u0000"}',
+        headers={"content-type": "application/json"},
+    )
+    assert_envelope(response, 400, "invalid_json")
+
+
+async def test_unknown_methods_do_not_grow_metrics(client) -> None:
+    for verb in ("AAAA", "BBBB", "CCCC"):
+        await client.request(verb, "/x")
+    text = (await client.get("/metrics")).text
+    assert "AAAA" not in text and 'method="OTHER"' in text
 
 
 async def test_body_over_the_limit_declared_is_413_before_reading(

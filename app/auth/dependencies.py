@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth.service import Principal, authenticate, key_from_authorization
 from app.config import Settings
-from app.db.session import SessionDep
+from app.db.engine import Database
 from app.kit.errors import PermissionDenied, RateLimited
 from app.models import Scope
 
@@ -50,12 +50,15 @@ class RateLimiter:
 
 async def current_principal(
     request: Request,
-    session: SessionDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer_doc)] = None,
 ) -> Principal:
     settings: Settings = request.app.state.settings
     key = key_from_authorization(request.headers.get("authorization"))
-    principal = await authenticate(session, key, settings)
+    database: Database = request.app.state.database
+    # Its own short transaction: the request's unit of work starts only when the endpoint
+    # touches the database, so a long upload keeps no transaction open while bytes arrive.
+    async with database.sessionmaker() as session, session.begin():
+        principal = await authenticate(session, key, settings)
     request.app.state.rate_limiter.check(principal.key_id)
     return principal
 

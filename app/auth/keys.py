@@ -33,9 +33,10 @@ def hash_key(key: str) -> str:
 
 
 def visible_prefix(key: str) -> str:
-    """The part of a key that may be shown: the prefix of a tunegate key, else 6 characters."""
+    """The part of a key that may be shown: the prefix of a tunegate key; for a key of another
+    shape (an operator's bootstrap key) a label derived from its hash, which reveals nothing."""
     match = _WELL_FORMED.match(key)
-    return match.group(1) if match else key[:6]
+    return match.group(1) if match else "boot" + hash_key(key)[:6]
 
 
 def is_acceptable_key(key: str) -> bool:

@@ -109,7 +109,8 @@ async def find_keys(session: AsyncSession, ident: str) -> Sequence[ApiKey]:
 async def find_one_key(session: AsyncSession, ident: str) -> ApiKey:
     matches = await find_keys(session, ident)
     if not matches:
-        raise NotFound(f"No API key with id or prefix '{ident}'.", param="id")
+        shown = visible_prefix(ident.strip()) if ident.strip().startswith("tg-") else ident
+        raise NotFound(f"No API key with id or prefix '{shown}'.", param="id")
     if len(matches) > 1:
         raise Conflict(f"More than one key has prefix '{ident}': use the key id.", param="id")
     return matches[0]

@@ -7,6 +7,7 @@ one to exit stops it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -30,11 +31,30 @@ def start_embedded_postgres(data_dir: Path) -> str:
             runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
             runtime.chmod(0o700)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        _forget_dead_handles(pgdata)
         import pgserver  # imported lazily: only the embedded mode needs it
 
         server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
         _servers[pgdata] = server
     return asyncpg_url_from_libpq(server.get_uri())
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """pgserver stops the server when its last user exits, counting users in a file of pids. A
+    process killed with SIGKILL never removes its pid, and the server would then never stop;
+    drop pids of processes that no longer exist before joining."""
+    handles = pgdata / ".handle_pids.json"
+    if not handles.is_file():
+        return
+    import psutil
+
+    try:
+        pids = json.loads(handles.read_text())
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+    except (OSError, ValueError):
+        log.warning("could not read %s; leaving it as it is", handles)
 
 
 def stop_embedded_postgres() -> None:

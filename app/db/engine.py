@@ -43,6 +43,8 @@ def create_engine(url: str, settings: Settings) -> AsyncEngine:
         max_overflow=db.max_overflow,
         pool_timeout=db.pool_timeout.total_seconds(),
         pool_pre_ping=True,
+        # Statement parameters can hold user data and keys: keep them out of error messages.
+        hide_parameters=True,
         connect_args={
             "server_settings": {
                 "application_name": "tunegate",

@@ -31,6 +31,7 @@ from app.kit.errors import (
     APIError,
     BadRequest,
     InvalidPayload,
+    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     error_body,
@@ -46,6 +47,9 @@ log = get_logger("tunegate.http")
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _UNMATCHED_ROUTE = "<unmatched>"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# A whole API key pasted into a URL must not reach the logs: keep its prefix only.
+_KEY_IN_PATH = re.compile(r"(tg-[A-Za-z0-9]{1,16}-)[^/]+")
 
 
 class ErrorObject(BaseModel):
@@ -156,12 +160,13 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or _UNMATCHED_ROUTE
             method = scope.get("method", "")
+            method = method if method in _KNOWN_METHODS else "OTHER"  # bounded label values
             self.metrics.requests.labels(method, template, str(state.status)).inc()
             self.metrics.latency.labels(method, template).observe(elapsed)
             log.info(
                 "request",
                 method=method,
-                path=scope.get("path"),
+                path=_KEY_IN_PATH.sub(r"\1***", scope.get("path", "")),
                 route=template,
                 status=state.status,
                 duration_ms=round(elapsed * 1000, 2),
@@ -268,6 +273,11 @@ def parse_json_body(body: bytes) -> Any:
             f"The request body is not valid UTF-8 (invalid byte at offset {exc.start}).",
             code="invalid_encoding",
         ) from None
+    if b"\\u0000" in body:
+        # PostgreSQL text cannot hold NUL; refuse it here rather than fail deep inside.
+        raise BadRequest(
+            "JSON strings must not contain NUL characters (\\u0000).", code="invalid_json"
+        )
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -331,8 +341,13 @@ def _query_parameter_names(dependant: Dependant) -> set[str]:
 
 
 def _check_query_parameters(request: Request, known: set[str], dynamic: tuple[str, ...]) -> None:
+    for name, value in request.path_params.items():
+        if "\x00" in str(value):
+            raise NotFound(f"No object with this {name}: it contains a NUL character.", param=name)
     seen: set[str] = set()
-    for name, _ in request.query_params.multi_items():
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value or "\x00" in name:
+            raise InvalidPayload(f"Query parameter '{name}' contains a NUL character.", param=name)
         if name not in known and not (dynamic and name.startswith(dynamic) and name.endswith("]")):
             accepted = ", ".join(sorted(known)) or "none"
             raise InvalidPayload(
@@ -388,7 +403,9 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         body = error_body(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
     elif exc.status_code == 405:
-        allowed = _allowed_methods(request)
+        allowed = _allowed_methods(request) or sorted(
+            m.strip() for m in headers.get("Allow", "GET").split(",")
+        )
         headers["Allow"] = ", ".join(allowed)
         body = error_body(
             f"Method {request.method} is not allowed for {request.url.path}; "
@@ -401,13 +418,22 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method any route serves at this path (Starlette names only the first route's)."""
+    """Every method served at this path, from the app's OpenAPI paths (Starlette's own Allow
+    names only the first matching route's)."""
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            regex = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+            table.append((re.compile(f"^{regex}$"), {m.upper() for m in operations}))
+        app.state.allow_table = table
+    path = request.scope.get("path", "")
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(request.url.path):
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods - {"HEAD"}) or ["GET"]
+    for compiled, served in table:
+        if compiled.match(path):
+            methods |= served
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
