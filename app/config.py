@@ -73,6 +73,41 @@ class ServerSettings(BaseModel):
     graceful_shutdown: timedelta = timedelta(seconds=20)
 
 
+class StorageBackend(enum.StrEnum):
+    local = "local"
+    s3 = "s3"
+
+
+class StorageSettings(BaseModel):
+    # local: a directory under DATA_DIR (one node); s3: any S3-compatible bucket (several nodes).
+    backend: StorageBackend = StorageBackend.local
+    s3_bucket: str | None = None
+    # Key prefix inside the bucket, so one bucket can hold several deployments.
+    s3_prefix: str = "tunegate/"
+    # For MinIO, Ceph, R2, moto...; unset means AWS itself.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # Unset: boto3's usual chain (environment, instance profile, ...).
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+
+class FilesSettings(BaseModel):
+    # Largest file in one POST /v1/files (OpenAI: 512 MB). Bigger files use the Uploads API.
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    # Largest part of an Upload (OpenAI: 64 MB).
+    max_part_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Largest completed Upload (OpenAI: 8 GB, also the most this setting allows).
+    max_upload_bytes: int = Field(default=8 * 1024 * 1024 * 1024, ge=1, le=8 * 1024 * 1024 * 1024)
+    # An Upload not completed within this time expires and its parts are removed.
+    upload_ttl: timedelta = timedelta(hours=1)
+    # A blob no file references is removed after this long: shorter frees space sooner, longer
+    # gives slow uploads of the same content more room.
+    blob_gc_grace: timedelta = timedelta(hours=1)
+    # How often the maintenance worker expires uploads and files and collects garbage.
+    maintenance_interval: timedelta = timedelta(seconds=60)
+
+
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -106,6 +141,8 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
     server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    files: FilesSettings = FilesSettings()
 
     # Read from the names the openai SDK itself uses.
     openai_api_key: SecretStr | None = Field(
@@ -139,6 +176,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> Settings:
+        if self.storage.backend is StorageBackend.s3 and not self.storage.s3_bucket:
+            raise ValueError("TUNEGATE_STORAGE__S3_BUCKET is required with the s3 storage backend")
         if not self.is_production:
             return self
         key = self.bootstrap_admin_key

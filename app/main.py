@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,9 @@ from app.config import Settings, get_settings
 from app.db.embedded import stop_embedded_postgres
 from app.db.engine import Database, create_engine, resolve_database_url
 from app.db.migrate import is_at_head
+from app.files import tasks as files_tasks  # noqa: F401 - registers the maintenance role
+from app.files.endpoints import files_router, uploads_router
+from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
 from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_error_handlers
 from app.kit.logging import get_logger
@@ -57,6 +61,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     owns_database = getattr(app.state, "database", None) is None
     if owns_database:
         app.state.database = await _open_database(settings)
+    owns_storage = getattr(app.state, "storage", None) is None
+    if owns_storage:
+        app.state.storage = make_storage(settings)
     runner: WorkerRunner | None = None
     try:
         await _bootstrap(app)
@@ -67,6 +74,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if runner is not None:
             await runner.stop(settings.server.graceful_shutdown.total_seconds())
+        if owns_storage:
+            await app.state.storage.close()
         if owns_database:
             await app.state.database.dispose()
             if settings.database_url is None:
@@ -77,9 +86,10 @@ def create_app(
     settings: Settings | None = None,
     *,
     database: Database | None = None,
+    storage: BlobStorage | None = None,
     run_workers: bool = False,
 ) -> FastAPI:
-    """Build the app. `database` is opened by the lifespan when not given (tests pass one)."""
+    """Build the app. `database` and `storage` are opened by the lifespan when not given."""
     settings = settings or get_settings()
     app = FastAPI(
         title="tunegate",
@@ -87,9 +97,12 @@ def create_app(
         summary="Self-hosted, OpenAI-compatible control plane for fine-tuning LLMs.",
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
+        # A trailing slash is a 404 in the envelope, not a redirect built from the Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.storage = storage
     app.state.run_workers = run_workers
     app.state.metrics_registry = CollectorRegistry()
     app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
@@ -97,10 +110,24 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,
-        body_limit=body_limit_by_path(settings.max_request_bytes),
+        body_limit=body_limit_by_path(settings.max_request_bytes, _upload_body_limits(settings)),
         metrics=HTTPMetrics(app.state.metrics_registry),
     )
     app.include_router(health_router)
     app.include_router(projects_router)
     app.include_router(api_keys_router)
+    app.include_router(files_router)
+    app.include_router(uploads_router)
     return app
+
+
+# Multipart framing around the file itself: headers, boundaries, the small fields.
+_MULTIPART_OVERHEAD = 1024 * 1024
+
+
+def _upload_body_limits(settings: Settings) -> list[tuple[re.Pattern[str], int]]:
+    files = settings.files
+    return [
+        (re.compile(r"^/v1/files/?$"), files.max_file_bytes + _MULTIPART_OVERHEAD),
+        (re.compile(r"^/v1/uploads/[^/]+/parts/?$"), files.max_part_bytes + _MULTIPART_OVERHEAD),
+    ]

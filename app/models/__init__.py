@@ -1,6 +1,9 @@
 """Every ORM model, one module per table, imported here so Alembic sees one metadata."""
 
 from app.models.api_key import ApiKey, Scope
+from app.models.blob import Blob
+from app.models.file import File
 from app.models.project import Project
+from app.models.upload import Upload, UploadPart
 
-__all__ = ["ApiKey", "Project", "Scope"]
+__all__ = ["ApiKey", "Blob", "File", "Project", "Scope", "Upload", "UploadPart"]

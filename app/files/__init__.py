@@ -1,0 +1,1 @@
+"""Files: upload, storage, retrieval and format detection of training data."""

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.repository import ProjectScopedRepository, Repository
+from app.models import Blob, File, Upload, UploadPart
+
+
+class FileRepository(ProjectScopedRepository[File]):
+    model = File
+
+
+class UploadRepository(ProjectScopedRepository[Upload]):
+    model = Upload
+
+    async def get_for_update(self, upload_id: str) -> Upload | None:
+        found: Upload | None = await self.session.scalar(
+            self.select().where(Upload.id == upload_id).with_for_update()
+        )
+        return found
+
+    async def parts(self, upload_id: str, part_ids: Sequence[str]) -> Sequence[UploadPart]:
+        rows = await self.session.scalars(
+            select(UploadPart).where(
+                UploadPart.upload_id == upload_id,
+                UploadPart.project_id == self.project_id,
+                UploadPart.id.in_(part_ids),
+            )
+        )
+        return rows.all()
+
+    async def received_bytes(self, upload_id: str) -> int:
+        from sqlalchemy import func
+
+        total = await self.session.scalar(
+            select(func.coalesce(func.sum(UploadPart.bytes), 0)).where(
+                UploadPart.upload_id == upload_id, UploadPart.project_id == self.project_id
+            )
+        )
+        return int(total or 0)
+
+
+class BlobRepository(Repository[Blob]):
+    """Blobs are shared by every project (content-addressed): no project filter applies, and
+    no API ever reads a blob except through a File of the caller's project."""
+
+    model = Blob
+
+    def _id_column(self) -> object:
+        return Blob.sha256
+
+    async def touch(self, sha256: str, size: int, storage_key: str, moment: datetime) -> None:
+        """Insert or mark as seen now; GC leaves blobs seen within the grace period alone."""
+        statement = insert(Blob).values(
+            sha256=sha256, bytes=size, storage_key=storage_key, last_seen_at=moment
+        )
+        await self.session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[Blob.sha256], set_={"last_seen_at": moment}
+            )
+        )
+
+    async def claim_unreferenced(self, seen_before: datetime, limit: int) -> Sequence[Blob]:
+        """Blobs no file points at and not seen since `seen_before`, locked (SKIP LOCKED)."""
+        referenced = exists().where(File.sha256 == Blob.sha256)
+        rows = await self.session.scalars(
+            select(Blob)
+            .where(Blob.last_seen_at < seen_before, ~referenced)
+            .order_by(Blob.last_seen_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return rows.all()
+
+    async def remove(self, sha256: str) -> None:
+        await self.session.execute(delete(Blob).where(Blob.sha256 == sha256))
+
+
+class MaintenanceRepository:
+    """Unscoped housekeeping queries for the maintenance worker."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def expire_uploads(self, now: datetime) -> int:
+        result = await self.session.execute(
+            update(Upload)
+            .where(Upload.status == "pending", Upload.expires_at < now)
+            .values(status="expired")
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def finished_uploads_with_parts(self, limit: int) -> Sequence[str]:
+        has_parts = exists().where(UploadPart.upload_id == Upload.id)
+        rows = await self.session.scalars(
+            select(Upload.id).where(Upload.status != "pending", has_parts).limit(limit)
+        )
+        return rows.all()
+
+    async def parts_of(self, upload_id: str) -> Sequence[UploadPart]:
+        rows = await self.session.scalars(
+            select(UploadPart).where(UploadPart.upload_id == upload_id)
+        )
+        return rows.all()
+
+    async def delete_parts(self, upload_id: str) -> None:
+        await self.session.execute(delete(UploadPart).where(UploadPart.upload_id == upload_id))
+
+    async def delete_expired_files(self, now: datetime, limit: int) -> int:
+        ids = select(File.id).where(File.expires_at < now).limit(limit).scalar_subquery()
+        result = await self.session.execute(delete(File).where(File.id.in_(ids)))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
