@@ -1,20 +1,25 @@
-"""The `tunegate` command: serve, migrate, worker, keys."""
+"""The `tunegate` command: serve, migrate, worker, keys, files."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import __version__
 from app.config import LogFormat, LogSettings, Settings
 from app.kit.logging import configure_logging
 from app.models import Scope
+
+if TYPE_CHECKING:
+    from app.models import ApiKey
 
 T = TypeVar("T")
 
@@ -26,6 +31,8 @@ cli = typer.Typer(
 )
 keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+files_cli = typer.Typer(help="Upload and list files on a running tunegate.", no_args_is_help=True)
+cli.add_typer(files_cli, name="files")
 
 err = Console(stderr=True)
 
@@ -255,7 +262,6 @@ def keys_list(
     """List keys (visible prefixes only)."""
     from app.auth.repository import ApiKeyLookup
     from app.kit.errors import APIError
-    from app.models import ApiKey
     from app.projects import service as projects
 
     settings = _settings()
@@ -272,7 +278,8 @@ def keys_list(
     except APIError as exc:
         err.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    table = Table("id", "prefix", "project", "scope", "created", "last used", "revoked")
+    table = Table("project", "scope", "created", "last used", "revoked")
+    table.columns[0:0] = [Column("id", no_wrap=True), Column("prefix", no_wrap=True)]
     for key, project_name in rows:
         table.add_row(
             key.id,
@@ -282,6 +289,100 @@ def keys_list(
             f"{key.created_at:%Y-%m-%d %H:%M}",
             f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "-",
             f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-",
+        )
+    Console().print(table)
+
+
+BaseUrlOption = Annotated[
+    str,
+    typer.Option(
+        "--base-url", envvar="TUNEGATE_URL", help="Where tunegate answers (env TUNEGATE_URL)."
+    ),
+]
+ApiKeyOption = Annotated[
+    str,
+    typer.Option(
+        "--api-key", envvar="TUNEGATE_API_KEY", help="A tunegate key (env TUNEGATE_API_KEY)."
+    ),
+]
+
+
+@files_cli.command("upload")
+def files_upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    api_key: ApiKeyOption,
+    purpose: Annotated[str, typer.Option(help="fine-tune, batch, evals, ...")] = "fine-tune",
+    base_url: BaseUrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """Upload a file with a progress bar (files over 512 MB go through the Uploads API)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from app.files.client import TunegateClient, TunegateError
+
+    client = TunegateClient(base_url, api_key)
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    try:
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task(path.name, total=path.stat().st_size)
+            created = client.upload(path, purpose, lambda n: progress.advance(task, n))
+    except TunegateError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err.print(f"[red]Cannot reach tunegate at {base_url}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        client.close()
+    err.print(
+        f"{created['id']}: {created['bytes']} bytes, format {created.get('format')}, "
+        f"{created.get('examples')} examples"
+    )
+    typer.echo(created["id"])
+
+
+@files_cli.command("list")
+def files_list(
+    api_key: ApiKeyOption,
+    purpose: Annotated[str | None, typer.Option(help="Only files with this purpose.")] = None,
+    base_url: BaseUrlOption = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the project's files."""
+    from datetime import UTC, datetime
+
+    from app.files.client import TunegateClient, TunegateError
+
+    client = TunegateClient(base_url, api_key)
+    try:
+        files = client.list_files(purpose)
+    except TunegateError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err.print(f"[red]Cannot reach tunegate at {base_url}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        client.close()
+    if as_json:
+        typer.echo(json.dumps(files, indent=2, ensure_ascii=False))
+        return
+    table = Table("filename", "purpose", "bytes", "format", "examples", "created")
+    table.columns.insert(0, Column("id", no_wrap=True))
+    for item in files:
+        created = datetime.fromtimestamp(item["created_at"], UTC)
+        table.add_row(
+            item["id"],
+            item["filename"],
+            item["purpose"],
+            str(item["bytes"]),
+            str(item.get("format")),
+            str(item.get("examples") if item.get("examples") is not None else "-"),
+            f"{created:%Y-%m-%d %H:%M}",
         )
     Console().print(table)
 

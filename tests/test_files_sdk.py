@@ -170,3 +170,47 @@ def test_client_disconnect_mid_upload_stores_nothing(
         time.sleep(0.1)
     assert not spool.exists() or not any(spool.iterdir()), "a partial upload was left behind"
     assert [f.id for f in client.files.list()] == files_before
+
+
+def test_cli_upload_and_list(server: RunningServer) -> None:
+    auth = ("--api-key", ADMIN_KEY, "--base-url", server.base_url)
+    uploaded = server.cli("files", "upload", str(SEEDS / "marv_en.jsonl"), *auth)
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = uploaded.stdout.strip()
+    assert file_id.startswith("file-")
+    assert "format chat, 3 examples" in uploaded.stderr
+    listed = server.cli("files", "list", "--purpose", "fine-tune", *auth)
+    assert listed.returncode == 0, listed.stderr
+    assert file_id in listed.stdout
+    refused = server.cli(
+        "files",
+        "upload",
+        str(SEEDS / "marv_en.jsonl"),
+        "--api-key",
+        "tg-nope-nope-nope",
+        "--base-url",
+        server.base_url,
+    )
+    assert refused.returncode == 1 and "Incorrect API key" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_cli_client_switches_to_the_uploads_api_for_big_files(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    from app.files.client import TunegateClient
+
+    path = tmp_path / "parts.jsonl"
+    path.write_bytes(b'{"prompt": "p", "completion": "c"}\n' * 30_000)  # ~1 MB
+    seen: list[int] = []
+    client = TunegateClient(server.base_url, ADMIN_KEY)
+    try:
+        created = client.upload(
+            path, "fine-tune", seen.append, single_request_limit=100_000, part_size=300_000
+        )
+    finally:
+        client.close()
+    assert sum(seen) == path.stat().st_size
+    assert created["bytes"] == path.stat().st_size and created["examples"] == 30_000
+    sdk = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=ADMIN_KEY)
+    assert sdk.files.content(created["id"]).read() == path.read_bytes()

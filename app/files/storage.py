@@ -186,10 +186,14 @@ class LocalBlobStorage(BlobStorage):
         base = self._path(prefix)
         if not base.exists():
             return
-        for path in base.rglob("*"):
-            if path.is_file():
+        # Listed up front: callers may delete while they iterate.
+        found = [path for path in base.rglob("*") if path.is_file()]
+        for path in found:
+            try:
                 modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-                yield path.relative_to(self.root).as_posix(), modified
+            except FileNotFoundError:
+                continue
+            yield path.relative_to(self.root).as_posix(), modified
 
 
 def make_storage(settings: Settings) -> BlobStorage:

@@ -70,7 +70,8 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
         finished = await MaintenanceRepository(session).finished_uploads_with_parts(BATCH)
     for upload_id in finished:
         # Storage first, rows after: a crash in between only repeats the deletion next round.
-        async for key, _ in storage.list_keys(f"uploads/{upload_id}/"):
+        keys = [key async for key, _ in storage.list_keys(f"uploads/{upload_id}/")]
+        for key in keys:
             await storage.delete(key)
         async with sessionmaker() as session, session.begin():
             await MaintenanceRepository(session).delete_parts(upload_id)
