@@ -345,6 +345,76 @@ def files_upload(
     typer.echo(created["id"])
 
 
+@files_cli.command("validate")
+def files_validate(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    model: Annotated[str, typer.Option(help="Target model.")] = "gpt-4o-mini-2024-07-18",
+    method: Annotated[str, typer.Option(help="supervised or dpo.")] = "supervised",
+    n_epochs: Annotated[int | None, typer.Option("--epochs", min=1, max=50)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check a local dataset before anything else: errors by line, tokens, cost. No server
+    needed. Exit status 1 when the file is invalid."""
+    from app.kit.errors import APIError
+    from app.validation.engine import validate_file
+    from app.validation.service import resolve_target
+
+    settings = _settings()
+    _quiet_logging(settings)
+    try:
+        target = resolve_target(settings, model, method, n_epochs)
+    except APIError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(2) from None
+    report = validate_file(path, target, max_line_bytes=settings.validation.max_line_bytes)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_report(path, report)
+    if report["verdict"] == "invalid":
+        raise typer.Exit(1)
+
+
+def _print_report(path: Path, report: dict[str, object]) -> None:
+    console = Console()
+    colour = {"valid": "green", "valid_with_warnings": "yellow", "invalid": "red"}
+    verdict = str(report["verdict"])
+    console.print(
+        f"[bold]{path.name}[/bold]: [{colour.get(verdict, 'white')}]{verdict}[/] — "
+        f"{report['examples']} examples, format {report['format']}, model {report['model']} "
+        f"({report['method']})"
+    )
+    for title, key in (("Errors", "errors"), ("Warnings", "warnings")):
+        items = report.get(key) or []
+        if not isinstance(items, list) or not items:
+            continue
+        table = Table(title=title, title_justify="left")
+        table.add_column("code", no_wrap=True)
+        table.add_column("count", justify="right")
+        table.add_column("first occurrences (line: field — why)")
+        for item in items:
+            places = "\n".join(
+                f"{o.get('line')}: {o.get('path') or '-'} — {o.get('message')}"
+                for o in item.get("occurrences", [])[:3]
+            )
+            table.add_row(item["code"], str(item["count"]), places or item.get("message", ""))
+        console.print(table)
+    tokens = report.get("tokens") or {}
+    cost = report.get("cost") or {}
+    if isinstance(tokens, dict) and isinstance(cost, dict):
+        usd = cost.get("usd")
+        console.print(
+            f"Tokens: {tokens.get('total')} total, {tokens.get('trained')} trained "
+            f"({tokens.get('tokenizer')}). Epochs: {cost.get('n_epochs')} "
+            f"({cost.get('n_epochs_source')}). Billable: {cost.get('billable_tokens')} tokens"
+            + (
+                f", about ${usd:.2f} (prices of {cost.get('price_date')})."
+                if usd is not None
+                else "."
+            )
+        )
+
+
 @files_cli.command("list")
 def files_list(
     api_key: ApiKeyOption,

@@ -108,6 +108,22 @@ class FilesSettings(BaseModel):
     maintenance_interval: timedelta = timedelta(seconds=60)
 
 
+class ValidationSettings(BaseModel):
+    # Checked automatically after every fine-tune upload, and the default for estimates.
+    default_model: str = "gpt-4o-mini-2024-07-18"
+    # Files up to this size are validated inside the request; larger ones by the validator
+    # worker (the answer then says `queued`). Bigger means fewer round trips, slower answers.
+    inline_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    # A longer line is reported as an error and not parsed; bounds the memory per line.
+    max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Training price overrides, USD per 1M tokens by model id (`{"gpt-4o-mini": 3.0}`).
+    price_overrides: dict[str, float] = Field(default_factory=dict)
+    # How long a validator owns a claimed report before another may take it over.
+    lease: timedelta = timedelta(seconds=60)
+    # How often an idle validator looks for queued work.
+    poll_interval: timedelta = timedelta(seconds=1)
+
+
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -143,6 +159,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
     files: FilesSettings = FilesSettings()
+    validation: ValidationSettings = ValidationSettings()
 
     # Read from the names the openai SDK itself uses.
     openai_api_key: SecretStr | None = Field(

@@ -27,6 +27,8 @@ from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_e
 from app.kit.logging import get_logger
 from app.kit.metrics import HTTPMetrics
 from app.projects.endpoints import router as projects_router
+from app.validation import tasks as validation_tasks  # noqa: F401 - registers the validator role
+from app.validation.endpoints import router as validation_router
 from app.workers.runner import ROLES, WorkerContext, WorkerRunner
 
 log = get_logger("tunegate.app")
@@ -118,6 +120,7 @@ def create_app(
     app.include_router(api_keys_router)
     app.include_router(files_router)
     app.include_router(uploads_router)
+    app.include_router(validation_router)
     return app
 
 

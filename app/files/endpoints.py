@@ -28,6 +28,9 @@ from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import ListPage, Order, PageParams, to_page
 from app.kit.time import to_unix
 from app.models import File
+from app.validation import service as validations
+from app.validation.schemas import summary_of
+from app.validation.service import ValidationContext
 
 files_router = APIRouter(
     prefix="/v1/files", tags=["files"], route_class=JSONRoute, responses=ERROR_RESPONSES
@@ -110,7 +113,17 @@ async def create_file(
         request, file_field="file", new_spool=lambda: context.storage.spool(limit, "file")
     )
     row = await service.upload_form_to_file(session, context, principal.project_id, form)
-    return FileObject.of(row)
+    return await _with_validation(session, context, principal.project_id, row)
+
+
+async def _with_validation(
+    session: SessionDep, context: FilesContext, project_id: str, row: File
+) -> FileObject:
+    """A new fine-tune file is validated for the default model before it is answered (small
+    files; large ones are queued for the validator worker)."""
+    validation = ValidationContext(context.settings, context.storage, context.sessionmaker)
+    report = await validations.validate_after_upload(session, validation, project_id, row)
+    return FileObject.of(row, None if report is None else summary_of(report))
 
 
 def file_page_params(
@@ -133,14 +146,22 @@ async def list_files(
     if purpose:
         statement = statement.where(File.purpose == purpose)
     rows, has_more = await repository.paginate(statement, page)
-    return to_page([FileObject.of(row) for row in rows], has_more, lambda f: f.id)
+    latest = await validations.latest_summaries(
+        session, principal.project_id, [row.id for row in rows]
+    )
+    items = [
+        FileObject.of(row, summary_of(latest[row.id]) if row.id in latest else None) for row in rows
+    ]
+    return to_page(items, has_more, lambda f: f.id)
 
 
 @files_router.get("/{file_id}", response_model=FileObject)
 async def retrieve_file(
     file_id: FileId, principal: ReadPrincipal, session: SessionDep
 ) -> FileObject:
-    return FileObject.of(await service.get_file(session, principal.project_id, file_id))
+    row = await service.get_file(session, principal.project_id, file_id)
+    latest = await validations.latest_summaries(session, principal.project_id, [row.id])
+    return FileObject.of(row, summary_of(latest[row.id]) if row.id in latest else None)
 
 
 @files_router.delete("/{file_id}", response_model=FileDeleted)
@@ -283,7 +304,9 @@ async def complete_upload(
     upload, file = await service.complete_upload(
         session, context, principal.project_id, upload_id, body
     )
-    return UploadObject.of(upload, file)
+    answer = UploadObject.of(upload)
+    answer.file = await _with_validation(session, context, principal.project_id, file)
+    return answer
 
 
 @uploads_router.post("/{upload_id}/cancel", response_model=UploadObject)

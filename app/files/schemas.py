@@ -47,8 +47,12 @@ class FileObject(BaseModel):
         default=None, description="Summary of the latest validation report, once there is one."
     )
 
+    derived_from: dict[str, Any] | None = Field(
+        default=None, description="The file and operation this file was made from, if any."
+    )
+
     @classmethod
-    def of(cls, row: File) -> FileObject:
+    def of(cls, row: File, validation: dict[str, Any] | None = None) -> FileObject:
         return cls(
             id=row.id,
             bytes=row.bytes,
@@ -62,6 +66,8 @@ class FileObject(BaseModel):
             format=row.format,
             format_reason=row.format_reason,
             examples=row.examples,
+            validation=validation,
+            derived_from=row.derived_from,
         )
 
 

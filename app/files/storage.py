@@ -15,6 +15,7 @@ import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ class Spool:
         self._hash.update(data)
         if self._md5 is not None:
             self._md5.update(data)
+
+    def flush(self) -> None:
+        """For writers that expect a file object; the data is flushed and synced on close."""
 
     def close(self) -> None:
         if not self._file.closed:
@@ -116,6 +120,19 @@ class BlobStorage(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+    @asynccontextmanager
+    async def materialize(self, key: str) -> AsyncIterator[Path]:
+        """A local path with the blob's content, for code that needs a real file (the
+        validator, conversions). Remote backends copy it to a temporary file, removed after."""
+        spool = self.spool(limit=2**63, what="copy")
+        try:
+            async for chunk in self.read(key):
+                spool.write(chunk)
+            spool.close()
+            yield spool.path
+        finally:
+            spool.discard()
+
     def sweep_spool(self, older_than: datetime) -> int:
         """Remove spool files left by interrupted uploads (a killed process); returns how many."""
         removed = 0
@@ -152,6 +169,11 @@ class LocalBlobStorage(BlobStorage):
 
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    @asynccontextmanager
+    async def materialize(self, key: str) -> AsyncIterator[Path]:
+        # Blobs are immutable and content-addressed: the stored file itself can be read.
+        yield self._path(key)
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         path = self._path(key)

@@ -5,5 +5,6 @@ from app.models.blob import Blob
 from app.models.file import File
 from app.models.project import Project
 from app.models.upload import Upload, UploadPart
+from app.models.validation_report import ValidationReport
 
-__all__ = ["ApiKey", "Blob", "File", "Project", "Scope", "Upload", "UploadPart"]
+__all__ = ["ApiKey", "Blob", "File", "Project", "Scope", "Upload", "UploadPart", "ValidationReport"]

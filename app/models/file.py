@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, CreatedAtMixin
@@ -30,3 +32,5 @@ class File(CreatedAtMixin, Base):
     format_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What this file was made from (a conversion or a split), for people to trace it back.
+    derived_from: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)

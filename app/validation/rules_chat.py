@@ -1,0 +1,124 @@
+"""Rules for OpenAI chat examples: `{"messages": [...], "tools": [...]}`, one per line.
+
+Beyond the message checks (`messages.py`), an example needs a non-empty messages list and an
+assistant message to train on; it gets warnings when it has no system or no user message.
+Its hashes: 16 bytes of SHA-256 of the canonical example (exact duplicates), and a 64-bit key
+of the prompt (everything before the last assistant message, with the tool definitions)
+mapped to a hash of that answer (conflicting answers).
+"""
+
+from __future__ import annotations
+
+from hashlib import sha256
+from typing import Any, Final
+
+import orjson
+from orjson import OPT_SORT_KEYS, dumps
+
+from app.validation.messages import ASSISTANT, SYSTEM, USER, check_messages
+from app.validation.rules_common import Context, check_tools, json_kind, sorted_json
+from app.validation.tokens import REPLY_PRIMING_TOKENS
+
+__all__ = ["ChatRules", "add_definitions", "warn_missing_roles"]
+
+_SYSTEM_AND_USER: Final = SYSTEM | USER
+_NO_SYSTEM: Final = "the example has no system message"
+_NO_USER: Final = "the example has no user message"
+
+
+class ChatRules:
+    """Checks chat examples and adds the valid ones to the context's batch."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def check(self, example: Any, line: int) -> None:
+        ctx = self._ctx
+        if type(example) is not dict:
+            ctx.error("data_type", line, None, f"the line is {json_kind(example)}, not an object")
+            return
+        messages = example.get("messages")
+        if messages is None:
+            ctx.error(
+                "missing_messages_list", line, "messages", 'the example has no "messages" list'
+            )
+            return
+        if type(messages) is not list:
+            ctx.error(
+                "data_type", line, "messages", f"messages must be a list, not {json_kind(messages)}"
+            )
+            return
+        if not messages:
+            ctx.error("missing_messages_list", line, "messages", "the messages list is empty")
+            return
+        batch = ctx.batch
+        mark = batch.mark()
+        index = len(batch.lines)
+        extra_keys = len(example) > 1
+        definitions_ok = check_tools(ctx, example, "", line) if extra_keys else True
+        summary = check_messages(ctx, messages, "messages", line, 2 * index, True)
+        if summary is None or not definitions_ok:
+            batch.rollback(mark)
+            return
+        if not summary.roles & ASSISTANT:
+            ctx.error(
+                "example_missing_assistant_message",
+                line,
+                "messages",
+                "the example has no assistant message, so there is nothing to train on",
+            )
+            batch.rollback(mark)
+            return
+        roles = summary.roles
+        if roles & _SYSTEM_AND_USER != _SYSTEM_AND_USER:
+            if not roles & SYSTEM:
+                ctx.warn("missing_system_message", line, "messages", _NO_SYSTEM)
+            if not roles & USER:
+                ctx.warn("missing_user_message", line, "messages", _NO_USER)
+        if extra_keys:
+            add_definitions(ctx, example, 2 * index)
+        last = summary.last_assistant
+        batch.lines.append(line)
+        batch.fixed.append(summary.fixed_tokens + REPLY_PRIMING_TOKENS)
+        batch.messages.append(len(messages))
+        batch.digests.append(sha256(dumps(example, option=OPT_SORT_KEYS)).digest()[:16])
+        if last > 0 or extra_keys:  # with no prompt at all, answers cannot conflict
+            batch.conflict_examples.append(index)
+            plain = summary.plain
+            if plain is not None and not extra_keys:
+                # Python caches each string's hash in the string: this key costs little.
+                batch.prompt_keys.append(hash(tuple(plain[: 2 * last])))
+                batch.answer_keys.append(hash(plain[2 * last + 1]))
+            else:
+                prompt_json = sorted_json(messages[:last])
+                if extra_keys:
+                    prompt_json += sorted_json(
+                        {k: v for k, v in example.items() if k != "messages"}
+                    )
+                batch.prompt_keys.append(hash(prompt_json))
+                batch.answer_keys.append(hash(sorted_json(messages[last])))
+            batch.answer_messages.append(last)
+        ctx.valid_examples += 1
+        labels = ctx.labels
+        if labels.active:
+            if summary.answer is not None:
+                labels.add(summary.answer.strip())
+            else:
+                labels.give_up()
+
+
+def warn_missing_roles(ctx: Context, roles: int, line: int, path: str) -> None:
+    if not roles & SYSTEM:
+        ctx.warn("missing_system_message", line, path, _NO_SYSTEM)
+    if not roles & USER:
+        ctx.warn("missing_user_message", line, path, _NO_USER)
+
+
+def add_definitions(ctx: Context, example: dict[str, Any], key: int) -> None:
+    """Count tool and function definitions by their compact JSON text (never trained)."""
+    batch = ctx.batch
+    for field in ("tools", "functions"):
+        value = example.get(field)
+        if value:
+            batch.shared_texts.append(orjson.dumps(value).decode())  # the same in most examples
+            batch.shared_keys.append(key)

@@ -1,0 +1,261 @@
+"""Validation reports and cost estimates.
+
+A report is made inline when the file is small (`TUNEGATE_VALIDATION__INLINE_MAX_BYTES`), else
+queued for the validator worker (`tasks.py`). Either way the engine (`engine.validate_file`) reads
+the stored blob once, streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.files import service as files
+from app.files.storage import BlobStorage, blob_key
+from app.kit.errors import Conflict, InvalidPayload, NotFound
+from app.kit.ids import new_id
+from app.kit.logging import get_logger
+from app.kit.time import utcnow
+from app.models import File, ValidationReport
+from app.validation.catalog import ModelSpec, known_models, resolve_model
+from app.validation.cost import epochs_for, price_for
+from app.validation.engine import Target, validate_file
+from app.validation.repository import ValidationRepository
+from app.validation.schemas import Estimate, EstimateCreate, Hyperparameters
+
+log = get_logger("tunegate.validation")
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    settings: Settings
+    storage: BlobStorage
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+
+def resolve_target(
+    settings: Settings, model: str, method: str, n_epochs: int | None = None
+) -> Target:
+    spec = resolve_model(model)
+    if spec is None:
+        names = ", ".join(sorted({m.id for m in known_models()}))
+        raise NotFound(
+            f"The model '{model}' does not exist or cannot be fine-tuned. Known models: {names}.",
+            param="model",
+            code="model_not_found",
+        )
+    if method not in spec.methods:
+        raise InvalidPayload(
+            f"Model {spec.id} does not support the '{method}' method "
+            f"(it supports: {', '.join(spec.methods)}).",
+            param="method",
+        )
+    return Target(
+        model=spec,
+        method=method,  # type: ignore[arg-type]
+        n_epochs=n_epochs,
+        price_override_usd_per_1m=_price_override(settings, spec, model),
+    )
+
+
+def _price_override(settings: Settings, spec: ModelSpec, asked: str) -> float | None:
+    overrides = settings.validation.price_overrides
+    return overrides.get(spec.id, overrides.get(asked))
+
+
+ProgressCallback = Callable[[int, int], bool]
+
+
+async def run_engine(
+    context: ValidationContext,
+    sha256: str,
+    target: Target,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    async with context.storage.materialize(blob_key(sha256)) as path:
+        return await asyncio.to_thread(
+            validate_file,
+            path,
+            target,
+            progress=progress,
+            max_line_bytes=context.settings.validation.max_line_bytes,
+        )
+
+
+def record_outcome(row: ValidationReport, report: dict[str, Any]) -> None:
+    row.status = "succeeded"
+    row.report = report
+    row.verdict = report["verdict"]
+    row.bytes_done = row.bytes_total
+    row.lines_done = int(report.get("lines", 0))
+    row.finished_at = utcnow()
+
+
+async def create_validation(
+    session: AsyncSession,
+    context: ValidationContext,
+    project_id: str,
+    file: File,
+    target: Target,
+) -> ValidationReport:
+    """A report for `file`: done now when the file is small, else queued for the worker."""
+    row = ValidationReport(
+        id=new_id("fval_"),
+        file_id=file.id,
+        model=target.model.id,
+        method=target.method,
+        n_epochs=target.n_epochs,
+        status="queued",
+        bytes_total=file.bytes,
+        bytes_done=0,
+        lines_done=0,
+        cancel_requested=False,
+        attempts=0,
+    )
+    if file.bytes <= context.settings.validation.inline_max_bytes:
+        row.status = "running"
+        row.started_at = utcnow()
+        try:
+            record_outcome(row, await run_engine(context, file.sha256, target))
+        except Exception as exc:  # a validator bug must not lose the upload: record it
+            log.exception("inline validation failed", file_id=file.id)
+            row.status = "failed"
+            row.error = f"The validator failed ({type(exc).__name__}); the report was not made."
+            row.finished_at = utcnow()
+    ValidationRepository(session, project_id).add(row)
+    await session.flush()
+    return row
+
+
+async def validate_after_upload(
+    session: AsyncSession, context: ValidationContext, project_id: str, file: File
+) -> ValidationReport | None:
+    """Every fine-tune file is checked against the default model right away."""
+    if file.purpose != "fine-tune":
+        return None
+    target = resolve_target(
+        context.settings, context.settings.validation.default_model, "supervised"
+    )
+    return await create_validation(session, context, project_id, file, target)
+
+
+async def get_validation(
+    session: AsyncSession, project_id: str, file_id: str, validation_id: str
+) -> ValidationReport:
+    row = await ValidationRepository(session, project_id).get(validation_id)
+    if row is None or row.file_id != file_id:
+        raise NotFound(f"No validation {validation_id} for file {file_id}.", param="validation_id")
+    return row
+
+
+async def cancel_validation(
+    session: AsyncSession, project_id: str, file_id: str, validation_id: str
+) -> ValidationReport:
+    row = await get_validation(session, project_id, file_id, validation_id)
+    if row.status == "queued":
+        row.status = "cancelled"
+        row.finished_at = utcnow()
+    elif row.status == "running":
+        # The worker sees the flag at its next progress report and stops there.
+        row.cancel_requested = True
+    elif row.status != "cancelled":
+        raise Conflict(f"Validation {validation_id} has already {row.status}.")
+    await session.flush()
+    return row
+
+
+async def latest_summaries(
+    session: AsyncSession, project_id: str, file_ids: list[str]
+) -> dict[str, ValidationReport]:
+    return await ValidationRepository(session, project_id).latest_per_file(file_ids)
+
+
+# --- estimates ----------------------------------------------------------------------------------
+
+
+def _hyperparameters(body: EstimateCreate) -> Hyperparameters | None:
+    nested = None
+    if body.method is not None:
+        details = body.method.supervised if body.method.type == "supervised" else body.method.dpo
+        nested = details.hyperparameters if details is not None else None
+    if nested is not None and body.hyperparameters is not None:
+        raise InvalidPayload(
+            "Give hyperparameters either at the top level or in method, not both.",
+            param="hyperparameters",
+        )
+    return nested or body.hyperparameters
+
+
+async def _report_for(
+    session: AsyncSession,
+    context: ValidationContext,
+    project_id: str,
+    file_id: str,
+    target: Target,
+    param: str,
+) -> ValidationReport:
+    try:
+        file = await files.get_file(session, project_id, file_id)
+    except NotFound:
+        raise NotFound(f"No such File object: {file_id}", param=param) from None
+    existing = await ValidationRepository(session, project_id).latest_succeeded(
+        file.id, target.model.id, target.method
+    )
+    if existing is not None:
+        return existing
+    row = await create_validation(session, context, project_id, file, target)
+    if row.status != "succeeded":
+        raise Conflict(
+            f"File {file_id} is being validated ({row.id}, status {row.status}); ask again when "
+            f"GET /v1/files/{file_id}/validations/{row.id} says succeeded.",
+            param=param,
+            code="validation_pending",
+        )
+    return row
+
+
+async def estimate(
+    session: AsyncSession, context: ValidationContext, project_id: str, body: EstimateCreate
+) -> Estimate:
+    method = body.method.type if body.method is not None else "supervised"
+    hyper = _hyperparameters(body)
+    n_epochs = hyper.n_epochs if hyper is not None and isinstance(hyper.n_epochs, int) else None
+    if n_epochs is not None and not 1 <= n_epochs <= 50:
+        raise InvalidPayload("n_epochs must be between 1 and 50.", param="hyperparameters.n_epochs")
+    target = resolve_target(context.settings, body.model, method, n_epochs)
+    training = await _report_for(
+        session, context, project_id, body.training_file, target, "training_file"
+    )
+    validation = None
+    if body.validation_file is not None:
+        validation = await _report_for(
+            session, context, project_id, body.validation_file, target, "validation_file"
+        )
+    report = training.report or {}
+    examples = int(report.get("examples") or 0)
+    epochs, source = epochs_for(examples, n_epochs)
+    per_epoch = int((report.get("tokens") or {}).get("billable_per_epoch") or 0)
+    usd_per_1m, price_date = price_for(target)
+    trained = per_epoch * epochs
+    return Estimate(
+        model=target.model.id,
+        method=method,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        n_epochs=epochs,
+        n_epochs_source=source,
+        examples=examples,
+        trained_tokens=trained,
+        estimated_cost_usd=None if usd_per_1m is None else round(trained * usd_per_1m / 1e6, 4),
+        usd_per_1m_tokens=usd_per_1m,
+        price_date=price_date,
+        expected_duration_seconds=None,
+        verdict=training.verdict,
+        training_validation_id=training.id,
+        validation_validation_id=None if validation is None else validation.id,
+    )

@@ -1,0 +1,268 @@
+"""Benchmark: the validation engine against the OpenAI cookbook's data-prep notebook.
+
+    .venv/bin/python bench/validate.py [--mb 100] [--file existing.jsonl] [--keep]
+
+Generates a chat JSONL of `--mb` MB with ../shared/bench/make_chat_dataset.py, then runs, each
+in a fresh subprocess so that peak RSS is measured per run (from the child's rusage):
+
+  (a) baseline: what the cookbook's "Chat_finetuning_data_prep" notebook does: `json.loads`
+      every line into a list, its seven format checks, then for every example the tokens of
+      every message value with an exact o200k tokenizer (`quicktok ... .encode(value)` per
+      value, + 3 per message, + 1 per name, + 3 per example) and, as the notebook does, the
+      assistant tokens (encoding the assistant contents a second time);
+  (b) `app.validation.engine.validate_file` for gpt-4o-mini;
+  (c) the ceiling: quicktok's batch encoder alone on all cores over the message values (but
+      roles), extracted beforehand (untimed). Exact counting cannot go faster than this here.
+
+Both load the tokenizer before the clock starts (a service keeps it loaded; the load time is
+printed apart). It prints both throughputs, their ratio, both peak RSS and both token totals,
+which must be equal. Targets: >= 10x the baseline's throughput, peak RSS < 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATOR = ROOT.parent / "shared" / "bench" / "make_chat_dataset.py"
+RSS_TARGET_MB = 150
+SPEEDUP_TARGET = 10
+
+
+def baseline(path: Path) -> dict[str, Any]:
+    import quicktok
+
+    started = time.perf_counter()
+    encoding = quicktok.get_encoding("o200k_base")
+    loaded = time.perf_counter()
+
+    with open(path, encoding="utf-8") as f:
+        dataset = [json.loads(line) for line in f]
+
+    format_errors: dict[str, int] = defaultdict(int)
+    for ex in dataset:
+        if not isinstance(ex, dict):
+            format_errors["data_type"] += 1
+            continue
+        messages = ex.get("messages", None)
+        if not messages:
+            format_errors["missing_messages_list"] += 1
+            continue
+        for message in messages:
+            if "role" not in message or "content" not in message:
+                format_errors["message_missing_key"] += 1
+            if any(
+                k not in ("role", "content", "name", "function_call", "weight") for k in message
+            ):
+                format_errors["message_unrecognized_key"] += 1
+            if message.get("role", None) not in ("system", "user", "assistant", "function"):
+                format_errors["unrecognized_role"] += 1
+            content = message.get("content", None)
+            function_call = message.get("function_call", None)
+            if (not content and not function_call) or not isinstance(content, str):
+                format_errors["missing_content"] += 1
+        if not any(message.get("role", None) == "assistant" for message in messages):
+            format_errors["example_missing_assistant_message"] += 1
+
+    def num_tokens_from_messages(
+        messages: list[dict[str, Any]], tokens_per_message: int = 3, tokens_per_name: int = 1
+    ) -> int:
+        num_tokens = 0
+        for message in messages:
+            num_tokens += tokens_per_message
+            for key, value in message.items():
+                num_tokens += len(encoding.encode(value))
+                if key == "name":
+                    num_tokens += tokens_per_name
+        num_tokens += 3
+        return num_tokens
+
+    def num_assistant_tokens_from_messages(messages: list[dict[str, Any]]) -> int:
+        num_tokens = 0
+        for message in messages:
+            if message["role"] == "assistant":
+                num_tokens += len(encoding.encode(message["content"]))
+        return num_tokens
+
+    n_missing_system = n_missing_user = 0
+    n_messages, convo_lens, assistant_message_lens = [], [], []
+    for ex in dataset:
+        messages = ex["messages"]
+        if not any(message["role"] == "system" for message in messages):
+            n_missing_system += 1
+        if not any(message["role"] == "user" for message in messages):
+            n_missing_user += 1
+        n_messages.append(len(messages))
+        convo_lens.append(num_tokens_from_messages(messages))
+        assistant_message_lens.append(num_assistant_tokens_from_messages(messages))
+    n_too_long = sum(length > 65_536 for length in convo_lens)
+    billing = sum(min(65_536, length) for length in convo_lens)
+    finished = time.perf_counter()
+    return {
+        "seconds": finished - loaded,
+        "load_seconds": loaded - started,
+        "examples": len(dataset),
+        "errors": sum(format_errors.values()),
+        "missing_system": n_missing_system,
+        "too_long": n_too_long,
+        "total_tokens": sum(convo_lens),
+        "trained_tokens": sum(assistant_message_lens),
+        "billable_per_epoch": billing,
+    }
+
+
+def engine(path: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from app.validation.catalog import resolve_model
+    from app.validation.engine import Target, validate_file
+    from app.validation.tokens import counter_for_encoding
+
+    model = resolve_model("gpt-4o-mini")
+    assert model is not None
+    started = time.perf_counter()
+    counter_for_encoding(model.encoding)
+    loaded = time.perf_counter()
+    report = validate_file(path, Target(model))
+    finished = time.perf_counter()
+    return {
+        "seconds": finished - loaded,
+        "load_seconds": loaded - started,
+        "examples": report["examples"],
+        "errors": sum(e["count"] for e in report["errors"]),
+        "missing_system": next(
+            (w["count"] for w in report["warnings"] if w["code"] == "missing_system_message"), 0
+        ),
+        "verdict": report["verdict"],
+        "total_tokens": report["tokens"]["total"],
+        "trained_tokens": report["tokens"]["trained"],
+        "billable_per_epoch": report["tokens"]["billable_per_epoch"],
+    }
+
+
+def tokenizer_alone(path: Path) -> dict[str, Any]:
+    """The ceiling: quicktok's batch encoder on all cores over every message value but the
+    roles, the values already extracted (not timed). No exact validator beats this here."""
+    import orjson
+    import quicktok
+
+    encoding = quicktok.get_encoding("o200k_base")
+    with open(path, "rb") as f:
+        texts = [
+            value
+            for line in f
+            if line.strip()
+            for message in orjson.loads(line)["messages"]
+            for key, value in message.items()
+            if key != "role" and isinstance(value, str)  # a role's count is a constant
+        ]
+    started = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(texts), 8192):
+        _, offsets = encoding.encode_batch(texts[start : start + 8192], 0, False)
+        tokens += int(offsets[-1])
+    return {"seconds": time.perf_counter() - started, "value_tokens": tokens}
+
+
+def run_child(kind: str, path: Path) -> dict[str, Any]:
+    """Run one side in a fresh interpreter; its result plus its own peak RSS (wait4 rusage)."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, str(path)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert child.stdout is not None
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"the {kind} run failed with exit status {child.returncode}")
+    result: dict[str, Any] = json.loads(output)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
+    return result
+
+
+def generate(out: Path, mb: float) -> None:
+    if not GENERATOR.exists():
+        raise SystemExit(
+            f"The dataset generator is missing: {GENERATOR} (the shared checkout ../shared). "
+            "Pass an existing chat JSONL with --file instead."
+        )
+    subprocess.run([sys.executable, str(GENERATOR), str(out), "--mb", str(mb)], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=100)
+    parser.add_argument("--file", type=Path, help="use this chat JSONL instead of generating")
+    parser.add_argument("--keep", action="store_true", help="keep the generated file")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, name = args.child
+        run = {"baseline": baseline, "engine": engine, "tokenizer": tokenizer_alone}[kind]
+        print(json.dumps(run(Path(name))))
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="tunegate-bench-"))
+    path = args.file or workdir / f"chat_{args.mb:g}mb.jsonl"
+    try:
+        if args.file is None:
+            generate(path, args.mb)
+        size_mb = path.stat().st_size / 1e6
+        print(f"dataset: {path} ({size_mb:.1f} MB)")
+        base = run_child("baseline", path)
+        ours = run_child("engine", path)
+        ceiling = run_child("tokenizer", path)
+    finally:
+        if args.file is None and not args.keep:
+            path.unlink(missing_ok=True)
+            workdir.rmdir()
+
+    base_speed = size_mb / base["seconds"]
+    our_speed = size_mb / ours["seconds"]
+    ratio = our_speed / base_speed
+    print(f"{'':24}{'baseline':>14}{'validate_file':>16}")
+    rows = [
+        ("time (s)", f"{base['seconds']:.2f}", f"{ours['seconds']:.2f}"),
+        ("tokenizer load (s)", f"{base['load_seconds']:.2f}", f"{ours['load_seconds']:.2f}"),
+        ("throughput (MB/s)", f"{base_speed:.1f}", f"{our_speed:.1f}"),
+        ("peak RSS (MB)", f"{base['peak_rss_mb']:.0f}", f"{ours['peak_rss_mb']:.0f}"),
+        ("examples", base["examples"], ours["examples"]),
+        ("total tokens", base["total_tokens"], ours["total_tokens"]),
+        ("assistant tokens", base["trained_tokens"], ours["trained_tokens"]),
+        ("billable / epoch", base["billable_per_epoch"], ours["billable_per_epoch"]),
+    ]
+    for label, left, right in rows:
+        print(f"{label:24}{left!s:>14}{right!s:>16}")
+    same = all(
+        base[key] == ours[key] for key in ("total_tokens", "trained_tokens", "billable_per_epoch")
+    )
+    print(f"token totals equal: {'yes' if same else 'NO'}")
+    print(
+        f"speed-up: {ratio:.1f}x (target >= {SPEEDUP_TARGET}x: "
+        f"{'met' if ratio >= SPEEDUP_TARGET else 'not met'}); peak RSS "
+        f"{ours['peak_rss_mb']:.0f} MB (target < {RSS_TARGET_MB} MB: "
+        f"{'met' if ours['peak_rss_mb'] < RSS_TARGET_MB else 'not met'})"
+    )
+    ceiling_speed = size_mb / ceiling["seconds"]
+    print(
+        f"ceiling: quicktok alone on all cores over the pre-extracted values takes "
+        f"{ceiling['seconds']:.2f} s ({ceiling_speed:.1f} MB/s, "
+        f"{ceiling_speed / base_speed:.1f}x the baseline); validate_file reaches "
+        f"{100 * our_speed / ceiling_speed:.0f} % of it while also parsing and checking"
+    )
+    if not same:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
