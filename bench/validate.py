@@ -212,10 +212,10 @@ def main() -> None:
         print(json.dumps(run(Path(name))))
         return
 
-    workdir = Path(tempfile.mkdtemp(prefix="tunegate-bench-"))
-    path = args.file or workdir / f"chat_{args.mb:g}mb.jsonl"
+    workdir = None if args.file else Path(tempfile.mkdtemp(prefix="tunegate-bench-"))
+    path = args.file or Path(str(workdir)) / f"chat_{args.mb:g}mb.jsonl"
     try:
-        if args.file is None:
+        if workdir is not None:
             generate(path, args.mb)
         size_mb = path.stat().st_size / 1e6
         print(f"dataset: {path} ({size_mb:.1f} MB)")
@@ -223,7 +223,7 @@ def main() -> None:
         ours = run_child("engine", path)
         ceiling = run_child("tokenizer", path)
     finally:
-        if args.file is None and not args.keep:
+        if workdir is not None and not args.keep:
             path.unlink(missing_ok=True)
             workdir.rmdir()
 
