@@ -165,6 +165,9 @@ async def test_every_seed_format_converts_to_chat_that_validates(api) -> None:
         assert converted["format"] == "chat" and converted["examples"] == source["examples"]
         assert converted["derived_from"]["file_id"] == source["id"]
         assert converted["derived_from"]["operation"] == "conversion"
+        hint = (await _report(api, source))["errors"]
+        unsupported = [e for e in hint if e["code"] == "unsupported_format"]
+        assert unsupported and f"/v1/files/{source['id']}/conversions" in json.dumps(unsupported)
         codes = {e["code"] for e in (await _report(api, converted))["errors"]}
         assert codes <= {"too_few_examples"}, (name, codes)
         first = json.loads(

@@ -87,7 +87,21 @@ async def run_engine(
         )
 
 
+def with_file_id(report: dict[str, Any], file_id: str) -> dict[str, Any]:
+    """The engine knows paths, not File ids: name the file in its conversion hints."""
+    for item in report.get("errors", []):
+        if isinstance(item.get("message"), str):
+            item["message"] = item["message"].replace("/v1/files/{id}/", f"/v1/files/{file_id}/")
+        for occurrence in item.get("occurrences", []):
+            if isinstance(occurrence.get("message"), str):
+                occurrence["message"] = occurrence["message"].replace(
+                    "/v1/files/{id}/", f"/v1/files/{file_id}/"
+                )
+    return report
+
+
 def record_outcome(row: ValidationReport, report: dict[str, Any]) -> None:
+    report = with_file_id(report, row.file_id)
     row.status = "succeeded"
     row.report = report
     row.verdict = report["verdict"]

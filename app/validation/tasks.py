@@ -20,7 +20,7 @@ from app.kit.time import utcnow
 from app.models import File
 from app.validation.engine import ValidationCancelled
 from app.validation.repository import ValidationQueue
-from app.validation.service import ValidationContext, resolve_target, run_engine
+from app.validation.service import ValidationContext, resolve_target, run_engine, with_file_id
 from app.workers.runner import WorkerContext, register_role
 
 log = get_logger("tunegate.validation.worker")
@@ -53,7 +53,7 @@ async def process_one(worker: WorkerContext, context: ValidationContext) -> bool
             )
             claimed.finished_at = now
             return True
-        sha256 = file.sha256
+        sha256, file_id = file.sha256, file.id
 
     loop = asyncio.get_running_loop()
     held = _Lease(lease, loop.time())
@@ -84,7 +84,7 @@ async def process_one(worker: WorkerContext, context: ValidationContext) -> bool
     outcome: dict[str, object]
     try:
         target = resolve_target(worker.settings, *target_args)
-        report = await run_engine(context, sha256, target, progress)
+        report = with_file_id(await run_engine(context, sha256, target, progress), file_id)
         outcome = {
             "status": "succeeded",
             "report": report,
