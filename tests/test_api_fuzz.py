@@ -67,6 +67,10 @@ def _check_operation(operation, mode: GenerationMode) -> None:
         database=None,
     )
     def run(case: schemathesis.Case) -> None:
+        # Generated examples reuse the same few key values with different bodies, which is the
+        # documented 422 (tests/test_idempotency.py covers keys); leave keys out here.
+        if case.headers:
+            case.headers.pop("Idempotency-Key", None)
         case.call_and_validate(headers={"Authorization": f"Bearer {ADMIN_KEY}"})
 
     run()

@@ -6,7 +6,7 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from app.auth.dependencies import ReadPrincipal, WritePrincipal
 from app.db.session import SessionDep
@@ -23,6 +23,7 @@ from app.files.schemas import (
     UploadPartObject,
 )
 from app.files.service import FilesContext
+from app.kit import idempotency
 from app.kit.errors import APIError, InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import ListPage, Order, PageParams, to_page
@@ -70,6 +71,17 @@ _MULTIPART_BODY = {
         },
     }
 }
+_IDEMPOTENCY_HEADER = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Same key and request within 24 h: the first answer again.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+        }
+    ]
+}
 _PART_BODY = {
     "requestBody": {
         "required": True,
@@ -103,17 +115,36 @@ class RangeNotSatisfiable(APIError):
     code = "range_not_satisfiable"
 
 
-@files_router.post("", response_model=FileObject, openapi_extra=_MULTIPART_BODY)
+@files_router.post(
+    "", response_model=FileObject, openapi_extra=_MULTIPART_BODY | _IDEMPOTENCY_HEADER
+)
 async def create_file(
     request: Request, principal: WritePrincipal, session: SessionDep, context: Context
-) -> FileObject:
-    """Upload a file (multipart `file` and `purpose`), streamed to storage as it arrives."""
+) -> FileObject | Response:
+    """Upload a file (multipart `file` and `purpose`), streamed to storage as it arrives.
+    With an `Idempotency-Key` header a retried upload answers the first upload's File."""
+    idempotency.check_key(request.headers.get(idempotency.HEADER))
     limit = context.settings.files.max_file_bytes
     form = await read_multipart(
         request, file_field="file", new_spool=lambda: context.storage.spool(limit, "file")
     )
-    row = await service.upload_form_to_file(session, context, principal.project_id, form)
-    return await _with_validation(session, context, principal.project_id, row)
+    parts = [
+        *idempotency.field_parts(form.fields.items()),
+        f"filename={form.filename}",
+        f"sha256={form.spool.sha256 if form.spool is not None else ''}",
+    ]
+
+    async def work() -> FileObject:
+        row = await service.upload_form_to_file(session, context, principal.project_id, form)
+        return await _with_validation(session, context, principal.project_id, row)
+
+    try:
+        return await idempotency.run(
+            request, session, context.sessionmaker, principal.project_id, parts, work
+        )
+    finally:
+        if form.spool is not None:
+            form.spool.discard()  # a replayed answer stores nothing; a stored spool is gone
 
 
 async def _with_validation(
@@ -255,13 +286,22 @@ def _content_disposition(filename: str) -> str:
 # --- Uploads ------------------------------------------------------------------------------------
 
 
-@uploads_router.post("", response_model=UploadObject)
+@uploads_router.post("", response_model=UploadObject, openapi_extra=_IDEMPOTENCY_HEADER)
 async def create_upload(
-    body: UploadCreate, principal: WritePrincipal, session: SessionDep, context: Context
-) -> UploadObject:
+    request: Request,
+    body: UploadCreate,
+    principal: WritePrincipal,
+    session: SessionDep,
+    context: Context,
+) -> UploadObject | Response:
     """Start a large upload; add parts of up to 64 MB, then complete it into a File."""
-    return UploadObject.of(
-        await service.create_upload(session, context, principal.project_id, body)
+
+    async def work() -> UploadObject:
+        row = await service.create_upload(session, context, principal.project_id, body)
+        return UploadObject.of(row)
+
+    return await idempotency.run(
+        request, session, context.sessionmaker, principal.project_id, [await request.body()], work
     )
 
 

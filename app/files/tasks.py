@@ -6,7 +6,8 @@ which) runs a round:
 - parts of Uploads that are no longer pending are removed from storage, then from the database;
 - Files past their `expires_after` are deleted;
 - blobs no File references and not seen for `TUNEGATE_FILES__BLOB_GC_GRACE` are removed;
-- spool files left by processes that died mid-upload are removed.
+- spool files left by processes that died mid-upload are removed;
+- Idempotency-Keys older than 24 hours are forgotten.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import text
 
 from app.files.repository import BlobRepository, MaintenanceRepository
 from app.files.storage import BlobStorage
+from app.kit import idempotency
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
 from app.workers.runner import WorkerContext, register_role
@@ -32,6 +34,7 @@ BATCH = 100
 
 @dataclass
 class RoundReport:
+    idempotency_keys_purged: int = 0
     uploads_expired: int = 0
     uploads_purged: int = 0
     files_expired: int = 0
@@ -65,6 +68,7 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
     async with sessionmaker() as session, session.begin():
         report.uploads_expired = await MaintenanceRepository(session).expire_uploads(now)
         report.files_expired = await MaintenanceRepository(session).delete_expired_files(now, BATCH)
+        report.idempotency_keys_purged = await idempotency.purge_expired(session)
 
     async with sessionmaker() as session:
         finished = await MaintenanceRepository(session).finished_uploads_with_parts(BATCH)
@@ -107,6 +111,7 @@ async def maintenance_loop(context: WorkerContext, stop: asyncio.Event) -> None:
             report = await run_round(context, storage)
             if report is not None and any(
                 (
+                    report.idempotency_keys_purged,
                     report.uploads_expired,
                     report.uploads_purged,
                     report.files_expired,

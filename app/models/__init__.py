@@ -3,8 +3,19 @@
 from app.models.api_key import ApiKey, Scope
 from app.models.blob import Blob
 from app.models.file import File
+from app.models.idempotency_key import IdempotencyKey
 from app.models.project import Project
 from app.models.upload import Upload, UploadPart
 from app.models.validation_report import ValidationReport
 
-__all__ = ["ApiKey", "Blob", "File", "Project", "Scope", "Upload", "UploadPart", "ValidationReport"]
+__all__ = [
+    "ApiKey",
+    "Blob",
+    "File",
+    "IdempotencyKey",
+    "Project",
+    "Scope",
+    "Upload",
+    "UploadPart",
+    "ValidationReport",
+]

@@ -1,0 +1,1 @@
+"""Fine-tuning providers: the interface, OpenAI, local training and the OpenAI emulator."""

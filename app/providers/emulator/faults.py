@@ -1,0 +1,137 @@
+"""Switchable faults: what can go wrong upstream, on demand.
+
+Counted faults (`rate_limit`, `server_error`, `drop_connection`) hit the next N requests and
+then stop; `slow_seconds` delays every request until cleared; `training_not_available` makes
+every job creation answer 403 until cleared. They are set at start (`--fault NAME[=VALUE]`) or
+at run time with `POST /_emulator/faults` and cleared with `DELETE /_emulator/faults`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any
+
+from app.providers.emulator.errors import EmulatorError, bad_request, rate_limited, server_error
+
+DEFAULT_SLOW_SECONDS = 2.0
+
+
+@dataclass
+class FaultConfig:
+    """Faults to inject. Counts are "the next N requests"; zero means off."""
+
+    rate_limit: int = 0
+    server_error: int = 0
+    slow_seconds: float = 0.0
+    drop_connection: int = 0
+    training_not_available: bool = False
+
+    @classmethod
+    def from_cli(cls, specs: list[str]) -> FaultConfig:
+        """Parse repeated `--fault NAME[=VALUE]` options (`rate_limit=3`, `slow=1.5` ...)."""
+        config = cls()
+        for spec in specs:
+            name, _, value = spec.partition("=")
+            name = name.strip().replace("-", "_")
+            if name == "slow":
+                name = "slow_seconds"
+            known = {f.name for f in fields(cls)}
+            if name not in known:
+                raise ValueError(f"unknown fault {spec!r}; choose from {', '.join(sorted(known))}")
+            default: Any = {
+                "slow_seconds": DEFAULT_SLOW_SECONDS,
+                "training_not_available": True,
+            }.get(name, 1)
+            config.update({name: _parse_cli_value(value, default) if value else default})
+        return config
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a partial change (the JSON of `POST /_emulator/faults`), checking types."""
+        known = {f.name for f in fields(self)}
+        for name, value in changes.items():
+            if name not in known:
+                raise bad_request(f"Unknown fault '{name}'.", param=name, code="unknown_parameter")
+            if name == "training_not_available":
+                if not isinstance(value, bool):
+                    raise bad_request(f"'{name}' must be a boolean.", param=name)
+                self.training_not_available = value
+            elif name == "slow_seconds":
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise bad_request(f"'{name}' must be a number >= 0.", param=name)
+                self.slow_seconds = float(value)
+            else:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise bad_request(f"'{name}' must be an integer >= 0.", param=name)
+                setattr(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse_cli_value(value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return value.lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, float):
+        return float(value)
+    return int(value)
+
+
+class Fault(Enum):
+    """The fault chosen for one request."""
+
+    drop_connection = "drop_connection"
+    rate_limit = "rate_limit"
+    server_error = "server_error"
+
+
+class FaultState:
+    """The live fault settings, shared by the event loop and whoever changes them."""
+
+    def __init__(self, config: FaultConfig | None = None) -> None:
+        self._lock = threading.Lock()
+        self._config = FaultConfig(**(config or FaultConfig()).as_dict())
+
+    def snapshot(self) -> FaultConfig:
+        with self._lock:
+            return FaultConfig(**self._config.as_dict())
+
+    def update(self, changes: dict[str, Any]) -> FaultConfig:
+        with self._lock:
+            candidate = FaultConfig(**self._config.as_dict())
+            candidate.update(changes)  # raises before anything changes
+            self._config = candidate
+            return FaultConfig(**candidate.as_dict())
+
+    def clear(self) -> FaultConfig:
+        with self._lock:
+            self._config = FaultConfig()
+            return FaultConfig()
+
+    def take(self) -> Fault | None:
+        """Consume one counted fault for this request, the most disruptive first."""
+        with self._lock:
+            for fault in Fault:
+                remaining: int = getattr(self._config, fault.value)
+                if remaining > 0:
+                    setattr(self._config, fault.value, remaining - 1)
+                    return fault
+        return None
+
+    def slow_seconds(self) -> float:
+        with self._lock:
+            return self._config.slow_seconds
+
+    def training_not_available(self) -> bool:
+        with self._lock:
+            return self._config.training_not_available
+
+
+def fault_error(fault: Fault) -> EmulatorError | None:
+    """The error answer of a counted fault (None for a dropped connection: no answer at all)."""
+    if fault is Fault.rate_limit:
+        return rate_limited()
+    if fault is Fault.server_error:
+        return server_error()
+    return None
