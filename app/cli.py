@@ -17,6 +17,7 @@ from app import __version__
 from app.config import LogFormat, LogSettings, Settings
 from app.kit.logging import configure_logging
 from app.models import Scope
+from app.providers.emulator.cli import emulator
 
 if TYPE_CHECKING:
     from app.models import ApiKey
@@ -31,6 +32,7 @@ cli = typer.Typer(
 )
 keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+cli.command()(emulator)
 files_cli = typer.Typer(help="Upload and list files on a running tunegate.", no_args_is_help=True)
 cli.add_typer(files_cli, name="files")
 

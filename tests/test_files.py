@@ -383,3 +383,72 @@ async def test_upload_create_errors_and_cancel(writer, app_factory, client_for, 
     big = await start_upload(api, 5000)
     assert_envelope(await add_part(api, big["id"], b"a" * 1500), 413)
     assert spool_files(app_factory) == []
+
+
+async def test_range_with_absurd_numbers_is_ignored_not_500(writer) -> None:
+    file_id = (await upload(writer, b"0123456789", "r.txt")).json()["id"]
+    response = await writer.get(
+        f"/v1/files/{file_id}/content", headers={"Range": "bytes=0-1" + "0" * 5000}
+    )
+    assert response.status_code == 200 and response.content == b"0123456789"
+
+
+async def test_upload_types_are_strict_and_part_limit_names_data(writer) -> None:
+    for bad in (True, "5", 5.5):
+        response = await writer.post(
+            "/v1/uploads",
+            json={"filename": "x", "purpose": "fine-tune", "bytes": bad, "mime_type": "a"},
+        )
+        assert_envelope(response, 422)
+    created = await start_upload(writer, 5)
+    error = assert_envelope(await add_part(writer, created["id"], b"123456"), 413)
+    assert error["param"] == "data"
+
+
+async def test_upload_expires_after_applies_to_the_completed_file(writer) -> None:
+    response = await writer.post(
+        "/v1/uploads",
+        json={
+            "filename": "e.jsonl",
+            "purpose": "batch",
+            "bytes": 3,
+            "mime_type": "text/jsonl",
+            "expires_after": {"anchor": "created_at", "seconds": 7200},
+        },
+    )
+    upload_id = response.json()["id"]
+    part = (await add_part(writer, upload_id, b"abc")).json()["id"]
+    done = (
+        await writer.post(f"/v1/uploads/{upload_id}/complete", json={"part_ids": [part]})
+    ).json()
+    file = done["file"]
+    assert file["expires_at"] is not None
+    assert 7190 <= file["expires_at"] - file["created_at"] <= 7210
+
+
+async def test_deleting_a_file_restarts_its_blobs_grace_period(writer, session) -> None:
+    from sqlalchemy import select, update
+
+    from app.models import Blob
+
+    made = (await upload(writer, b"graceful", "g.txt", "batch")).json()
+    old = utcnow_minus_hours(3)
+    await session.execute(
+        update(Blob).where(Blob.sha256 == made["sha256"]).values(last_seen_at=old)
+    )
+    await session.commit()
+    await writer.delete(f"/v1/files/{made['id']}")
+    seen = await session.scalar(
+        select(Blob.last_seen_at)
+        .where(Blob.sha256 == made["sha256"])
+        .execution_options(populate_existing=True)
+    )
+    assert seen is not None and seen > old
+
+
+def utcnow_minus_hours(hours: int):
+    from datetime import timedelta
+
+    from app.kit.time import utcnow
+
+    return utcnow() - timedelta(hours=hours)

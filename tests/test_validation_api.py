@@ -243,3 +243,19 @@ async def test_large_files_go_to_the_validator_worker(app_factory, client_for, f
     assert cancelled["status"] == "cancelled"
     assert await process_one(worker, context) is False
     assert_envelope(await api.post(f"/v1/files/{file['id']}/validations/{stale['id']}/cancel"), 409)
+
+
+async def test_estimate_for_a_large_file_queues_one_validation_to_poll(
+    app_factory, client_for, factories
+) -> None:
+    queued_app = app_factory(validation={"inline_max_bytes": 0})
+    api = client_for((await factories.key(scope=Scope.write)).key, target=queued_app)
+    file = await upload(api, chat_file(20), purpose="batch")
+    body = {"model": "gpt-4.1-mini", "training_file": file["id"]}
+    first = assert_envelope(await api.post("/v1/fine_tuning/estimates", json=body), 409)
+    again = assert_envelope(await api.post("/v1/fine_tuning/estimates", json=body), 409)
+    assert first["code"] == "validation_pending"
+    validation_id = first["message"].split("(")[1].split(",")[0]
+    assert validation_id in again["message"]  # the same report, not a new one each time
+    polled = await api.get(f"/v1/files/{file['id']}/validations/{validation_id}")
+    assert polled.status_code == 200 and polled.json()["status"] == "queued"

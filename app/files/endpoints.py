@@ -203,7 +203,7 @@ async def delete_file(
     return FileDeleted(id=row.id)
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -318,7 +318,7 @@ async def add_upload_part(
     upload = await service.check_upload_open(context, principal.project_id, upload_id)
     limit = min(context.settings.files.max_part_bytes, upload.bytes)
     form = await read_multipart(
-        request, file_field="data", new_spool=lambda: context.storage.spool(limit, "part")
+        request, file_field="data", new_spool=lambda: context.storage.spool(limit, "part", "data")
     )
     unknown = sorted(set(form.fields))
     if unknown:

@@ -65,6 +65,13 @@ class BlobRepository(Repository[Blob]):
             )
         )
 
+    async def mark_seen(self, sha256s: Sequence[str], moment: datetime) -> None:
+        """A blob that just lost a reference starts its grace period now."""
+        if sha256s:
+            await self.session.execute(
+                update(Blob).where(Blob.sha256.in_(sha256s)).values(last_seen_at=moment)
+            )
+
     async def claim_unreferenced(self, seen_before: datetime, limit: int) -> Sequence[Blob]:
         """Blobs no file points at and not seen since `seen_before`, locked (SKIP LOCKED)."""
         referenced = exists().where(File.sha256 == Blob.sha256)
@@ -95,12 +102,21 @@ class MaintenanceRepository:
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
-    async def finished_uploads_with_parts(self, limit: int) -> Sequence[str]:
-        has_parts = exists().where(UploadPart.upload_id == Upload.id)
+    async def finished_uploads_to_purge(self, limit: int) -> Sequence[str]:
+        """Finished uploads whose parts' content has not been removed yet (with or without
+        part rows: a part stored by a process that died before writing its row counts too)."""
         rows = await self.session.scalars(
-            select(Upload.id).where(Upload.status != "pending", has_parts).limit(limit)
+            select(Upload.id)
+            .where(Upload.status != "pending", Upload.parts_purged_at.is_(None))
+            .order_by(Upload.created_at)
+            .limit(limit)
         )
         return rows.all()
+
+    async def mark_purged(self, upload_id: str, moment: datetime) -> None:
+        await self.session.execute(
+            update(Upload).where(Upload.id == upload_id).values(parts_purged_at=moment)
+        )
 
     async def parts_of(self, upload_id: str) -> Sequence[UploadPart]:
         rows = await self.session.scalars(
@@ -113,5 +129,8 @@ class MaintenanceRepository:
 
     async def delete_expired_files(self, now: datetime, limit: int) -> int:
         ids = select(File.id).where(File.expires_at < now).limit(limit).scalar_subquery()
-        result = await self.session.execute(delete(File).where(File.id.in_(ids)))
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        deleted = (
+            await self.session.scalars(delete(File).where(File.id.in_(ids)).returning(File.sha256))
+        ).all()
+        await BlobRepository(self.session).mark_seen(list(set(deleted)), now)
+        return len(deleted)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.kit.time import to_unix
+from app.kit.types import JSONInt
 from app.models import File, Upload
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024 * 1024  # OpenAI's limit; the setting may only lower it
@@ -82,7 +83,7 @@ class UploadCreate(BaseModel):
 
     filename: str = Field(min_length=1, max_length=1024)
     purpose: Purpose
-    bytes: int = Field(
+    bytes: JSONInt = Field(
         ge=1,
         le=MAX_UPLOAD_BYTES,
         description="Total size of the file (at most 8 GB); the parts must add up to it.",
@@ -95,7 +96,7 @@ class ExpiresAfter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=2592000)
+    seconds: JSONInt = Field(ge=3600, le=2592000)
 
 
 class UploadComplete(BaseModel):

@@ -76,6 +76,8 @@ def expiry_from_form(fields: dict[str, str], now: datetime) -> datetime | None:
     if anchor is None and seconds is None:
         return None
     try:
+        if not (seconds or "").isascii() or not (seconds or "").isdigit():
+            raise ValueError("not an integer")
         after = ExpiresAfter(anchor=anchor, seconds=int(seconds or ""))
     except ValueError:
         raise InvalidPayload(
@@ -171,6 +173,7 @@ async def delete_file(session: AsyncSession, project_id: str, file_id: str) -> F
     """Delete the File; its blob goes when no other file uses it (garbage collection)."""
     row = await get_file(session, project_id, file_id)
     await session.delete(row)
+    await BlobRepository(session).mark_seen([row.sha256], utcnow())
     await session.flush()
     return row
 
@@ -203,6 +206,9 @@ async def create_upload(
         status="pending",
         created_at=now,
         expires_at=now + context.settings.files.upload_ttl,
+        file_expires_after_seconds=None
+        if body.expires_after is None
+        else body.expires_after.seconds,
     )
     UploadRepository(session, project_id).add(row)
     await session.flush()
@@ -324,6 +330,11 @@ async def complete_upload(
         for part in ordered:
             async for chunk in context.storage.read(part.storage_key):
                 spool.write(chunk)
+    except FileNotFoundError:
+        spool.discard()
+        raise Conflict(
+            f"Upload {upload_id} was cancelled or expired while it was being completed."
+        ) from None
     except BaseException:
         spool.discard()
         raise
@@ -334,8 +345,13 @@ async def complete_upload(
             param="md5",
             code="md5_mismatch",
         )
+    expires_at = (
+        None
+        if upload.file_expires_after_seconds is None
+        else utcnow() + timedelta(seconds=upload.file_expires_after_seconds)
+    )
     file = await create_file(
-        session, context, project_id, spool, upload.filename, Purpose(upload.purpose)
+        session, context, project_id, spool, upload.filename, Purpose(upload.purpose), expires_at
     )
     # Only a still-pending upload completes: a concurrent complete or cancel wins otherwise.
     result = await session.execute(

@@ -41,11 +41,14 @@ class Spool:
     hand `path` to `BlobStorage.put_file` (which consumes it).
     """
 
-    def __init__(self, directory: Path, limit: int, what: str = "file") -> None:
+    def __init__(
+        self, directory: Path, limit: int, what: str = "file", param: str = "file"
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{uuid.uuid4().hex}.part"
         self.limit = limit
         self.what = what
+        self.param = param
         self.size = 0
         self._hash = hashlib.sha256()
         self._md5: Any = None
@@ -59,7 +62,8 @@ class Spool:
         if self.size > self.limit:
             self.discard()
             raise PayloadTooLarge(
-                f"The {self.what} is larger than the limit of {self.limit} bytes.", param="file"
+                f"The {self.what} is larger than the limit of {self.limit} bytes.",
+                param=self.param,
             )
         self._file.write(data)
         self._hash.update(data)
@@ -95,8 +99,8 @@ class BlobStorage(ABC):
     def __init__(self, spool_dir: Path) -> None:
         self.spool_dir = spool_dir
 
-    def spool(self, limit: int, what: str = "file") -> Spool:
-        return Spool(self.spool_dir, limit, what)
+    def spool(self, limit: int, what: str = "file", param: str = "file") -> Spool:
+        return Spool(self.spool_dir, limit, what, param)
 
     @abstractmethod
     async def put_file(self, key: str, source: Path) -> None:

@@ -71,7 +71,7 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
         report.idempotency_keys_purged = await idempotency.purge_expired(session)
 
     async with sessionmaker() as session:
-        finished = await MaintenanceRepository(session).finished_uploads_with_parts(BATCH)
+        finished = await MaintenanceRepository(session).finished_uploads_to_purge(BATCH)
     for upload_id in finished:
         # Storage first, rows after: a crash in between only repeats the deletion next round.
         keys = [key async for key, _ in storage.list_keys(f"uploads/{upload_id}/")]
@@ -79,6 +79,7 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
             await storage.delete(key)
         async with sessionmaker() as session, session.begin():
             await MaintenanceRepository(session).delete_parts(upload_id)
+            await MaintenanceRepository(session).mark_purged(upload_id, utcnow())
         report.uploads_purged += 1
 
     seen_before = now - settings.blob_gc_grace

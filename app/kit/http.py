@@ -436,7 +436,38 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def _handle_integrity_error(request: Request, exc: Exception) -> Response:
+    # A concurrent change won (e.g. the file was deleted while a report about it was made).
+    log.warning("integrity error", path=request.url.path, error=type(exc).__name__)
+    return error_response(
+        409,
+        error_body(
+            "The request conflicts with a concurrent change (an object it refers to was "
+            "deleted or created meanwhile); retry.",
+            code="conflict",
+        ),
+    )
+
+
+async def _handle_pool_timeout(request: Request, exc: Exception) -> Response:
+    log.warning("database pool exhausted", path=request.url.path)
+    return error_response(
+        503,
+        error_body(
+            "The service is busy (no database connection free); retry shortly.",
+            type="server_error",
+            code="service_unavailable",
+        ),
+        {"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    app.add_exception_handler(IntegrityError, _handle_integrity_error)
+    app.add_exception_handler(PoolTimeout, _handle_pool_timeout)
     app.add_exception_handler(APIError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)

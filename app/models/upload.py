@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, String
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, CreatedAtMixin
@@ -33,6 +33,10 @@ class Upload(CreatedAtMixin, Base):
     file_id: Mapped[str | None] = mapped_column(
         String(40), ForeignKey("files.id", ondelete="SET NULL"), nullable=True
     )
+    # `expires_after` given at creation: the completed File expires this long after it is made.
+    file_expires_after_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # When the maintenance worker removed the parts' content of this finished upload.
+    parts_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class UploadPart(CreatedAtMixin, Base):

@@ -57,7 +57,8 @@ async def convert(
     file_id: str,
     body: ConversionCreate,
 ) -> tuple[File, ConversionResult]:
-    source = await files.get_file(session, project_id, file_id)
+    async with context.sessionmaker() as reader:  # no transaction stays open during the I/O
+        source = await files.get_file(reader, project_id, file_id)
     spool = context.storage.spool(context.settings.files.max_upload_bytes, "converted file")
     try:
         options = ConversionOptions(
@@ -113,11 +114,16 @@ async def split(
     file_id: str,
     body: SplitCreate,
 ) -> tuple[File, File, SplitResult]:
-    source = await files.get_file(session, project_id, file_id)
+    async with context.sessionmaker() as reader:  # no transaction stays open during the I/O
+        source = await files.get_file(reader, project_id, file_id)
     if source.format in {DatasetFormat.csv.value, DatasetFormat.unknown.value}:
         raise BadRequest(
-            f"File {file_id} is {source.format}, not JSON Lines: convert it first "
-            f"(POST /v1/files/{file_id}/conversions).",
+            f"File {file_id} is {source.format}, not JSON Lines"
+            + (
+                f": convert it first (POST /v1/files/{file_id}/conversions)."
+                if source.format == DatasetFormat.csv.value
+                else f" ({source.format_reason})."
+            ),
             param="file_id",
             code="unsupported_split",
         )

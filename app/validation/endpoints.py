@@ -56,7 +56,8 @@ async def create_validation(
 ) -> ValidationObject:
     """Check a file against a model and method: errors, warnings, stats, tokens, cost.
     Small files are answered `succeeded` at once; large ones `queued` (poll the GET)."""
-    file = await files.get_file(session, principal.project_id, file_id)
+    async with context.sessionmaker() as reader:  # the engine runs with no transaction open
+        file = await files.get_file(reader, principal.project_id, file_id)
     target = service.resolve_target(context.settings, body.model, body.method, body.n_epochs)
     row = await service.create_validation(session, context, principal.project_id, file, target)
     return ValidationObject.of(row)
@@ -96,7 +97,7 @@ async def cancel_validation(
 
 @router.post("/v1/fine_tuning/estimates", response_model=Estimate)
 async def create_estimate(
-    body: EstimateCreate, principal: ReadPrincipal, session: SessionDep, context: Context
+    body: EstimateCreate, principal: WritePrincipal, session: SessionDep, context: Context
 ) -> Estimate:
     """Trained tokens, epochs and cost of a job before it is created (nothing is submitted)."""
     return await service.estimate(session, context, principal.project_id, body)

@@ -41,6 +41,22 @@ class ValidationRepository(ProjectScopedRepository[ValidationReport]):
         )
         return found
 
+    async def latest_unfinished(
+        self, file_id: str, model: str, method: str
+    ) -> ValidationReport | None:
+        found: ValidationReport | None = await self.session.scalar(
+            self.select()
+            .where(
+                ValidationReport.file_id == file_id,
+                ValidationReport.model == model,
+                ValidationReport.method == method,
+                ValidationReport.status.in_(("queued", "running")),
+            )
+            .order_by(ValidationReport.created_at.desc())
+            .limit(1)
+        )
+        return found
+
 
 class ValidationQueue(Repository[ValidationReport]):
     """The validator worker's view: every project's queued reports (no project filter — the

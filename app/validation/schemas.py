@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Interval
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.files.schemas import FileObject
 from app.kit.time import to_unix
+from app.kit.types import JSON_INTEGER, JSONInt
 from app.models import ValidationReport
 
 Method = Literal["supervised", "dpo"]
@@ -16,7 +18,9 @@ class ValidationCreate(BaseModel):
 
     model: str = Field(min_length=1, max_length=128, description="Target model, e.g. gpt-4o-mini.")
     method: Method = "supervised"
-    n_epochs: int | None = Field(default=None, ge=1, le=50, description="Default: OpenAI's rule.")
+    n_epochs: Annotated[int, Interval(ge=1, le=50), JSON_INTEGER] | None = Field(
+        default=None, description="Default: OpenAI's rule."
+    )
 
 
 class ValidationProgress(BaseModel):
@@ -89,10 +93,10 @@ class Hyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Annotated[int, Field(ge=1, le=50)] | Literal["auto"] = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = "auto"
-    beta: Annotated[float, Field(gt=0, le=2)] | Literal["auto"] | None = None
+    n_epochs: Annotated[int, Interval(ge=1, le=50), JSON_INTEGER] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Interval(ge=1, le=256), JSON_INTEGER] | Literal["auto"] = "auto"
+    learning_rate_multiplier: Annotated[float, Interval(gt=0, le=100)] | Literal["auto"] = "auto"
+    beta: Annotated[float, Interval(gt=0, le=2)] | Literal["auto"] | None = None
 
 
 class MethodDetails(BaseModel):
@@ -145,11 +149,11 @@ class ConversionCreate(BaseModel):
 
     to: Literal["chat", "prompt_completion"] = "chat"
     system_message: str | None = Field(default=None, max_length=100_000)
-    strip_whitespace: bool = False
-    drop_duplicates: bool = False
+    strip_whitespace: StrictBool = False
+    drop_duplicates: StrictBool = False
     add_separator: str | None = Field(default=None, max_length=32)
-    add_leading_space: bool = False
-    add_trailing_newline: bool = False
+    add_leading_space: StrictBool = False
+    add_trailing_newline: StrictBool = False
 
 
 class Conversion(BaseModel):
@@ -166,8 +170,8 @@ class SplitCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     validation_fraction: float = Field(ge=0.05, le=0.5)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    stratify_by_label: bool = False
+    seed: JSONInt = Field(default=0, ge=0, le=2**31 - 1)
+    stratify_by_label: StrictBool = False
 
 
 class Split(BaseModel):

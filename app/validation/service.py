@@ -213,16 +213,25 @@ async def _report_for(
     target: Target,
     param: str,
 ) -> ValidationReport:
-    try:
-        file = await files.get_file(session, project_id, file_id)
-    except NotFound:
-        raise NotFound(f"No such File object: {file_id}", param=param) from None
-    existing = await ValidationRepository(session, project_id).latest_succeeded(
-        file.id, target.model.id, target.method
-    )
+    # Reads in a short session of their own, so that a queued report below is committed
+    # before this request's unit of work begins (and is rolled back by the 409).
+    async with context.sessionmaker() as reader:
+        try:
+            file = await files.get_file(reader, project_id, file_id)
+        except NotFound:
+            raise NotFound(f"No such File object: {file_id}", param=param) from None
+        repository = ValidationRepository(reader, project_id)
+        existing = await repository.latest_succeeded(file.id, target.model.id, target.method)
+        row = await repository.latest_unfinished(file.id, target.model.id, target.method)
     if existing is not None:
         return existing
-    row = await create_validation(session, context, project_id, file, target)
+    if row is None and file.bytes <= context.settings.validation.inline_max_bytes:
+        row = await create_validation(session, context, project_id, file, target)
+    elif row is None:
+        # Queued in its own committed transaction: this request answers 409 (which rolls its
+        # own unit of work back), and the report must still be there to poll.
+        async with context.sessionmaker() as own, own.begin():
+            row = await create_validation(own, context, project_id, file, target)
     if row.status != "succeeded":
         raise Conflict(
             f"File {file_id} is being validated ({row.id}, status {row.status}); ask again when "

@@ -49,7 +49,9 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> EmulatorError:
+def bad_request(
+    message: str, *, param: str | None = None, code: str | None = None
+) -> EmulatorError:
     return EmulatorError(400, message, param=param, code=code)
 
 

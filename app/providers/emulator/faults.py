@@ -39,7 +39,10 @@ class FaultConfig:
                 name = "slow_seconds"
             known = {f.name for f in fields(cls)}
             if name not in known:
-                raise ValueError(f"unknown fault {spec!r}; choose from {', '.join(sorted(known))}")
+                raise ValueError(
+                    f"unknown fault {spec!r}; choose from rate_limit=N, server_error=N, "
+                    "drop_connection=N, slow=SECONDS, training_not_available"
+                )
             default: Any = {
                 "slow_seconds": DEFAULT_SLOW_SECONDS,
                 "training_not_available": True,

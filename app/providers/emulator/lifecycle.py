@@ -58,12 +58,20 @@ class JobPlan:
 
     def checkpoint_steps(self) -> list[int]:
         """One checkpoint at the end of each epoch."""
-        steps = (math.ceil(self.total_steps * epoch / self.n_epochs) for epoch in range(1, 1 + self.n_epochs))
+        steps = (
+            math.ceil(self.total_steps * epoch / self.n_epochs)
+            for epoch in range(1, 1 + self.n_epochs)
+        )
         return sorted(set(steps))
 
 
 def resolve_plan(
-    requested: dict[str, Any], *, examples: int, tokens_per_epoch: int, model: str, has_validation: bool
+    requested: dict[str, Any],
+    *,
+    examples: int,
+    tokens_per_epoch: int,
+    model: str,
+    has_validation: bool,
 ) -> JobPlan:
     """Turn `"auto"` hyperparameters into numbers the way OpenAI does for a file this size."""
     n_epochs = requested.get("n_epochs", "auto")
@@ -146,7 +154,7 @@ def step_metrics(seed: int, step: int, plan: JobPlan) -> dict[str, float]:
     noise = random.Random(seed * 1_000_003 + step)
     fraction = step / max(1, plan.total_steps)
     train_loss = max(0.01, 0.12 + 1.9 * math.exp(-4.0 * fraction) + noise.uniform(-0.06, 0.06))
-    train_accuracy = min(0.995, max(0.2, 1.0 - train_loss / 2.4 + noise.uniform(-0.02, 0.02)))
+    train_accuracy = min(0.995, max(0.05, 0.98 - 0.3 * train_loss + noise.uniform(-0.02, 0.02)))
     metrics = {
         "step": float(step),
         "train_loss": round(train_loss, 5),
@@ -156,7 +164,7 @@ def step_metrics(seed: int, step: int, plan: JobPlan) -> dict[str, float]:
         valid_loss = train_loss * 1.08 + 0.04 + noise.uniform(-0.05, 0.05)
         metrics["valid_loss"] = round(max(0.01, valid_loss), 5)
         metrics["valid_mean_token_accuracy"] = round(
-            min(0.995, max(0.2, 1.0 - valid_loss / 2.4)), 5
+            min(0.995, max(0.05, 0.97 - 0.3 * valid_loss)), 5
         )
     return metrics
 

@@ -44,7 +44,9 @@ def files_router(state: EmulatorState) -> APIRouter:
         if not content:
             raise bad_request("File is empty.", param="file")
         if purpose == "fine-tune" and not filename.endswith(".jsonl"):
-            raise bad_request("Invalid file format for Fine-Tuning API. Must be .jsonl", param="file")
+            raise bad_request(
+                "Invalid file format for Fine-Tuning API. Must be .jsonl", param="file"
+            )
         return state.add_file(filename, str(purpose), content, int(now)).to_json()
 
     @router.get("")

@@ -148,8 +148,8 @@ class EmulatorState:
             if job_status(job, now) != "succeeded":
                 continue
             done = int(finished_at(job, now) or now)
-            result = self.add_file("step_metrics.csv", "fine-tune-results", b"", done)
-            result.content = result_csv(job.seed, job.plan)
+            content = result_csv(job.seed, job.plan)
+            result = self.add_file("step_metrics.csv", "fine-tune-results", content, done)
             job.result_file_id = result.id
             name = job.model_name(self.organization)
             if name not in self.deleted_models:
@@ -163,6 +163,9 @@ class EmulatorState:
             return None
         for job in self.jobs.values():
             if model.startswith(job.model_name(self.organization) + ":"):
-                names = {c["fine_tuned_model_checkpoint"] for c in job_checkpoints(job, now, self.organization)}
+                names = {
+                    c["fine_tuned_model_checkpoint"]
+                    for c in job_checkpoints(job, now, self.organization)
+                }
                 return job if model in names else None
         return None

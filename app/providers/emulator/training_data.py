@@ -64,7 +64,9 @@ def messages_tokens(messages: list[Any]) -> int:
     return total
 
 
-def check_training_file(content: bytes, *, method: str, model: str) -> TrainingData:
+def check_training_file(
+    content: bytes, *, method: str, model: str, min_examples: int = MIN_TRAINING_EXAMPLES
+) -> TrainingData:
     """Parse and check a whole file; raise InvalidTrainingFile with OpenAI's kind of message."""
     try:
         text = content.decode("utf-8")
@@ -98,10 +100,10 @@ def check_training_file(content: bytes, *, method: str, model: str) -> TrainingD
         if prompt is not None and answer is not None:
             answers.setdefault(prompt, answer)
 
-    if len(examples) < MIN_TRAINING_EXAMPLES:
+    if len(examples) < min_examples:
         raise InvalidTrainingFile(
             f"Training file has {len(examples)} example(s), but must have at least "
-            f"{MIN_TRAINING_EXAMPLES} examples."
+            f"{min_examples} examples."
         )
     return TrainingData(examples=len(examples), tokens=tokens, answers=answers)
 
@@ -141,7 +143,7 @@ def _check_chat(
     if "messages" not in example:
         raise InvalidTrainingFile(
             f"Invalid file format. Example {number}: Missing required key 'messages'. "
-            "Expected chat format: {\"messages\": [{\"role\": ..., \"content\": ...}]}."
+            'Expected chat format: {"messages": [{"role": ..., "content": ...}]}.'
         )
     messages = _check_messages(number, example["messages"], "messages")
     assistants = [m for m in messages if m.get("role") == "assistant"]
@@ -181,7 +183,9 @@ def _check_preference(number: int, example: dict[str, Any]) -> tuple[str | None,
         )
     source = example["input"]
     if not isinstance(source, dict):
-        raise InvalidTrainingFile(f"Invalid file format. Example {number}: 'input' must be an object.")
+        raise InvalidTrainingFile(
+            f"Invalid file format. Example {number}: 'input' must be an object."
+        )
     messages = _check_messages(number, source.get("messages"), "input.messages")
     tokens = messages_tokens(messages)
     outputs: list[str] = []

@@ -1,0 +1,169 @@
+"""`/v1/chat/completions`: deterministic answers, plain or streamed (SSE), with usage.
+
+A base model echoes the last user message. A fine-tuned model (or one of its checkpoints)
+answers a prompt it was trained on with the trained answer, and echoes anything else, so a test
+can tell a tuned model from its base. `max_tokens`/`max_completion_tokens`, `stop`, `n` and
+`stream_options.include_usage` behave as OpenAI's do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.providers.emulator.catalog import BASE_MODELS
+from app.providers.emulator.errors import (
+    invalid_type,
+    invalid_value,
+    missing_parameter,
+    model_not_found,
+)
+from app.providers.emulator.params import json_object, optional_int, optional_object, required_str
+from app.providers.emulator.state import EmulatorState, random_id
+from app.providers.emulator.training_data import (
+    CHAT_ROLES,
+    count_tokens,
+    message_text,
+    messages_tokens,
+)
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_PIECE = re.compile(r"\s*\S+|\s+$")
+FINGERPRINT = "fp_emulator"
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise missing_parameter("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid_type("messages", "a non-empty array", messages)
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise invalid_value(f"messages[{index}].role", "expected a known role.")
+    return messages
+
+
+def _truncate(text: str, limit: int | None) -> tuple[str, bool]:
+    if limit is None:
+        return text, False
+    tokens = list(_TOKEN.finditer(text))
+    if len(tokens) <= limit:
+        return text, False
+    return (text[: tokens[limit - 1].end()] if limit else ""), True
+
+
+def _stop(text: str, stop: Any) -> str:
+    sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cut = len(text)
+    for sequence in sequences:
+        if isinstance(sequence, str) and sequence and sequence in text:
+            cut = min(cut, text.index(sequence))
+    return text[:cut]
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def chat_router(state: EmulatorState) -> APIRouter:
+    router = APIRouter()
+
+    def resolve(model: str, now: float) -> tuple[str, dict[str, str]]:
+        if model in BASE_MODELS:
+            base = BASE_MODELS[model]
+            return base.snapshot or base.id, {}
+        job = state.job_for_model(model, now)
+        if job is None:
+            raise model_not_found(model)
+        return model, job.answers
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> dict[str, Any] | StreamingResponse:
+        body = await json_object(request)
+        now = state.tick()
+        model, answers = resolve(required_str(body, "model"), now)
+        messages = _messages(body)
+        limit = optional_int(body, "max_completion_tokens") or optional_int(body, "max_tokens")
+        choices = optional_int(body, "n") or 1
+        if not 1 <= choices <= 128:
+            raise invalid_value("n", "expected a value between 1 and 128.")
+        prompts = [m for m in messages if m.get("role") == "user"]
+        prompt = message_text(prompts[-1].get("content")) if prompts else ""
+        answer = answers.get(prompt, f"Echo: {prompt}")
+        content, truncated = _truncate(_stop(answer, body.get("stop")), limit)
+        finish_reason = "length" if truncated else "stop"
+        usage = _usage(messages_tokens(messages), count_tokens(content) * choices)
+        completion_id = random_id("chatcmpl-", 29)
+        head = {"id": completion_id, "created": int(now), "model": model}
+        extra = {"service_tier": "default", "system_fingerprint": FINGERPRINT}
+        if body.get("stream") is True:
+            options = optional_object(body, "stream_options") or {}
+            include_usage = options.get("include_usage") is True
+            chunks = _chunks(head | extra, content, finish_reason, choices, usage, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content,
+            "refusal": None,
+            "annotations": [],
+        }
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason}
+                for i in range(choices)
+            ],
+            "usage": usage,
+            **extra,
+        }
+
+    return router
+
+
+async def _chunks(
+    head: dict[str, Any],
+    content: str,
+    finish_reason: str,
+    choices: int,
+    usage: dict[str, Any],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], index: int, reason: str | None) -> str:
+        body: dict[str, Any] = {
+            **head,
+            "object": "chat.completion.chunk",
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            ],
+        }
+        if include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    for index in range(choices):
+        yield chunk({"role": "assistant", "content": "", "refusal": None}, index, None)
+        for piece in _PIECE.findall(content):
+            yield chunk({"content": piece}, index, None)
+        yield chunk({}, index, finish_reason)
+    if include_usage:
+        final = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+        yield f"data: {json.dumps(final)}\n\n"
+    yield "data: [DONE]\n\n"
