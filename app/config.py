@@ -124,6 +124,16 @@ class ValidationSettings(BaseModel):
     poll_interval: timedelta = timedelta(seconds=1)
 
 
+class JobsSettings(BaseModel):
+    # How long a submitter owns a claimed job; longer than the slowest file upload to a provider.
+    submit_lease: timedelta = timedelta(minutes=10)
+    # Retries of a submission that fails for a passing reason (timeouts, 429, 5xx) before the job
+    # is failed; backoff doubles from 2 s up to 5 min, Retry-After honoured.
+    max_submit_attempts: int = Field(default=20, ge=1, le=1000)
+    # How often an idle submitter looks for jobs to submit.
+    poll_interval: timedelta = timedelta(seconds=1)
+
+
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -160,6 +170,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     files: FilesSettings = FilesSettings()
     validation: ValidationSettings = ValidationSettings()
+    jobs: JobsSettings = JobsSettings()
 
     # Read from the names the openai SDK itself uses.
     openai_api_key: SecretStr | None = Field(

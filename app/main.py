@@ -23,10 +23,14 @@ from app.files import tasks as files_tasks  # noqa: F401 - registers the mainten
 from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
+from app.jobs import tasks as jobs_tasks  # noqa: F401 - registers the submitter role
+from app.jobs.endpoints import router as jobs_router
 from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_error_handlers
 from app.kit.logging import get_logger
 from app.kit.metrics import HTTPMetrics
 from app.projects.endpoints import router as projects_router
+from app.providers.base import Provider
+from app.providers.registry import build_providers, close_providers
 from app.validation import tasks as validation_tasks  # noqa: F401 - registers the validator role
 from app.validation.endpoints import router as validation_router
 from app.workers.runner import ROLES, WorkerContext, WorkerRunner
@@ -63,6 +67,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     owns_database = getattr(app.state, "database", None) is None
     if owns_database:
         app.state.database = await _open_database(settings)
+    owns_providers = getattr(app.state, "providers", None) is None
+    if owns_providers:
+        app.state.providers = build_providers(settings)
     owns_storage = getattr(app.state, "storage", None) is None
     if owns_storage:
         app.state.storage = make_storage(settings)
@@ -78,6 +85,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await runner.stop(settings.server.graceful_shutdown.total_seconds())
         if owns_storage:
             await app.state.storage.close()
+        if owns_providers:
+            await close_providers(app.state.providers)
         if owns_database:
             await app.state.database.dispose()
             if settings.database_url is None:
@@ -89,6 +98,7 @@ def create_app(
     *,
     database: Database | None = None,
     storage: BlobStorage | None = None,
+    providers: dict[str, Provider] | None = None,
     run_workers: bool = False,
 ) -> FastAPI:
     """Build the app. `database` and `storage` are opened by the lifespan when not given."""
@@ -105,6 +115,7 @@ def create_app(
     app.state.settings = settings
     app.state.database = database
     app.state.storage = storage
+    app.state.providers = providers
     app.state.run_workers = run_workers
     app.state.metrics_registry = CollectorRegistry()
     app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
@@ -121,6 +132,7 @@ def create_app(
     app.include_router(files_router)
     app.include_router(uploads_router)
     app.include_router(validation_router)
+    app.include_router(jobs_router)
     return app
 
 

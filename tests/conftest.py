@@ -113,9 +113,11 @@ class AppFactory:
     def storage(self) -> LocalBlobStorage:
         return LocalBlobStorage(self.data_dir / "storage", self.data_dir / "tmp")
 
-    def __call__(self, **overrides: Any) -> Any:
+    def __call__(self, providers: dict[str, Any] | None = None, **overrides: Any) -> Any:
         settings = make_settings(data_dir=self.data_dir, **overrides)
-        return create_app(settings, database=self.database, storage=self.storage())
+        return create_app(
+            settings, database=self.database, storage=self.storage(), providers=providers or {}
+        )
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from app.files.schemas import (
     UploadPartObject,
 )
 from app.files.service import FilesContext
+from app.jobs import service as jobs_service
 from app.kit import idempotency
 from app.kit.errors import APIError, InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
@@ -199,6 +200,8 @@ async def retrieve_file(
 async def delete_file(
     file_id: FileId, principal: WritePrincipal, session: SessionDep
 ) -> FileDeleted:
+    """Delete a file; a file an unfinished job trains on answers 409."""
+    await jobs_service.ensure_not_in_use(session, principal.project_id, file_id)
     row = await service.delete_file(session, principal.project_id, file_id)
     return FileDeleted(id=row.id)
 

@@ -361,12 +361,23 @@ def _check_query_parameters(request: Request, known: set[str], dynamic: tuple[st
 # --- exception handlers ------------------------------------------------------------------------
 
 
+_TYPE_TAGS = frozenset(
+    {"int", "float", "str", "bool", "none", "list", "dict", "constrained-int", "constrained-float"}
+)
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or "[" in part or "(" in part
+
+
 def _param_from_location(location: Sequence[Any]) -> str | None:
     parts = list(location)
     if parts and parts[0] in {"body", "query", "path", "header", "cookie"}:
         parts = parts[1:]
     param = ""
     for part in parts:
+        if isinstance(part, str) and _is_type_tag(part):
+            continue  # pydantic names the union member it tried: not a field of the request
         if isinstance(part, int):
             param += f"[{part}]"
         else:

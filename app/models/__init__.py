@@ -4,6 +4,7 @@ from app.models.api_key import ApiKey, Scope
 from app.models.blob import Blob
 from app.models.file import File
 from app.models.idempotency_key import IdempotencyKey
+from app.models.job import Job, JobCheckpoint, JobEvent, ProviderFile
 from app.models.project import Project
 from app.models.upload import Upload, UploadPart
 from app.models.validation_report import ValidationReport
@@ -13,7 +14,11 @@ __all__ = [
     "Blob",
     "File",
     "IdempotencyKey",
+    "Job",
+    "JobCheckpoint",
+    "JobEvent",
     "Project",
+    "ProviderFile",
     "Scope",
     "Upload",
     "UploadPart",

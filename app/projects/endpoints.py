@@ -12,7 +12,7 @@ from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import ListPage, PageParams, page_params, to_page
 from app.projects import service
 from app.projects.repository import ProjectRepository
-from app.projects.schemas import ProjectCreate, ProjectObject
+from app.projects.schemas import ProjectCreate, ProjectObject, ProjectUpdate
 
 router = APIRouter(
     prefix="/v1/projects", tags=["projects"], route_class=JSONRoute, responses=ERROR_RESPONSES
@@ -33,6 +33,18 @@ async def list_projects(
     repository = ProjectRepository(session)
     rows, has_more = await repository.paginate(repository.select(), page)
     return to_page([ProjectObject.of(row) for row in rows], has_more, lambda p: p.id)
+
+
+@router.patch("/{project_id}", response_model=ProjectObject)
+async def update_project(
+    project_id: Annotated[str, Path(max_length=64)],
+    body: ProjectUpdate,
+    _: AdminPrincipal,
+    session: SessionDep,
+) -> ProjectObject:
+    """Rename a project or set its training budget (send null to remove the budget)."""
+    project = await service.update(session, project_id, body.model_dump(exclude_unset=True))
+    return ProjectObject.of(project)
 
 
 @router.get("/{project_id}", response_model=ProjectObject)

@@ -20,7 +20,22 @@ class ProjectObject(BaseModel):
     object: Literal["project"] = "project"
     name: str
     created_at: int
+    training_budget_usd: float | None = Field(
+        description="Jobs estimated above this cost are refused; null: no budget."
+    )
 
     @classmethod
     def of(cls, row: Project) -> ProjectObject:
-        return cls(id=row.id, name=row.name, created_at=to_unix(row.created_at) or 0)
+        return cls(
+            id=row.id,
+            name=row.name,
+            created_at=to_unix(row.created_at) or 0,
+            training_budget_usd=row.training_budget_usd,
+        )
+
+
+class ProjectUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
+    training_budget_usd: float | None = Field(default=None, ge=0, le=1e9)

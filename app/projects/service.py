@@ -42,6 +42,20 @@ async def create(session: AsyncSession, name: str) -> Project:
     return project
 
 
+async def update(session: AsyncSession, project_id: str, changes: dict[str, object]) -> Project:
+    project = await get(session, project_id)
+    if "name" in changes and changes["name"] is not None and changes["name"] != project.name:
+        name = check_name(str(changes["name"]))
+        if await ProjectRepository(session).by_name(name) is not None:
+            raise Conflict(f"A project named '{name}' already exists.", param="name")
+        project.name = name
+    if "training_budget_usd" in changes:
+        budget = changes["training_budget_usd"]
+        project.training_budget_usd = None if budget is None else float(budget)  # type: ignore[arg-type]
+    await session.flush()
+    return project
+
+
 async def get_or_create(session: AsyncSession, name: str) -> Project:
     existing = await ProjectRepository(session).by_name(check_name(name))
     return existing if existing is not None else await create(session, name)

@@ -205,7 +205,7 @@ def _hyperparameters(body: EstimateCreate) -> Hyperparameters | None:
     return nested or body.hyperparameters
 
 
-async def _report_for(
+async def report_for_target(
     session: AsyncSession,
     context: ValidationContext,
     project_id: str,
@@ -251,12 +251,12 @@ async def estimate(
     if n_epochs is not None and not 1 <= n_epochs <= 50:
         raise InvalidPayload("n_epochs must be between 1 and 50.", param="hyperparameters.n_epochs")
     target = resolve_target(context.settings, body.model, method, n_epochs)
-    training = await _report_for(
+    training = await report_for_target(
         session, context, project_id, body.training_file, target, "training_file"
     )
     validation = None
     if body.validation_file is not None:
-        validation = await _report_for(
+        validation = await report_for_target(
             session, context, project_id, body.validation_file, target, "validation_file"
         )
     report = training.report or {}

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: the OpenAI-compatible jobs API, state transitions and submission."""

@@ -1,0 +1,190 @@
+"""OpenAI's fine-tuning jobs API: `/v1/fine_tuning/jobs`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.responses import Response
+
+from app.auth.dependencies import ReadPrincipal, WritePrincipal
+from app.db.session import SessionDep
+from app.jobs import service
+from app.jobs.repository import JobCheckpointRepository, JobEventRepository, JobRepository
+from app.jobs.schemas import JobCheckpointObject, JobCreate, JobEventObject, JobObject
+from app.jobs.service import JobsContext
+from app.kit import idempotency
+from app.kit.errors import InvalidPayload
+from app.kit.http import ERROR_RESPONSES, JSONRoute
+from app.kit.pagination import ListPage, Order, PageParams, to_page
+from app.kit.time import to_unix
+from app.models import Job, JobCheckpoint, JobEvent
+
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs",
+    tags=["fine_tuning"],
+    route_class=JSONRoute,
+    responses=ERROR_RESPONSES,
+)
+
+JobId = Annotated[str, Path(max_length=64, description="The job's id (`ftjob-…`).")]
+_IDEMPOTENCY = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Same key and request within 24 h: the first answer again.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+        }
+    ]
+}
+
+
+def jobs_context(request: Request) -> JobsContext:
+    state = request.app.state
+    return JobsContext(
+        settings=state.settings,
+        storage=state.storage,
+        sessionmaker=state.database.sessionmaker,
+        providers=state.providers,
+    )
+
+
+Context = Annotated[JobsContext, Depends(jobs_context)]
+
+
+def list_params(
+    after: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> PageParams:
+    return PageParams(after=after, limit=limit, order=Order.desc)
+
+
+@router.post("", response_model=JobObject, openapi_extra=_IDEMPOTENCY)
+async def create_fine_tuning_job(
+    request: Request,
+    body: JobCreate,
+    principal: WritePrincipal,
+    session: SessionDep,
+    context: Context,
+) -> JobObject | Response:
+    """Check everything, store the job (`validating_files`); the submitter creates it at the
+    provider. With an `Idempotency-Key`, a retried create answers the same job."""
+
+    async def work() -> JobObject:
+        return JobObject.of(await service.create_job(session, context, principal.project_id, body))
+
+    return await idempotency.run(
+        request, session, context.sessionmaker, principal.project_id, [await request.body()], work
+    )
+
+
+@router.get(
+    "",
+    response_model=ListPage[JobObject],
+    openapi_extra={"x-dynamic-query": ["metadata"]},
+)
+async def list_fine_tuning_jobs(
+    request: Request,
+    principal: ReadPrincipal,
+    session: SessionDep,
+    page: Annotated[PageParams, Depends(list_params)],
+) -> ListPage[JobObject]:
+    """Newest first; `metadata[key]=value` filters (several are combined)."""
+    repository = JobRepository(session, principal.project_id)
+    statement = repository.select()
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata[") : -1]
+            if not key or len(key) > 64:
+                raise InvalidPayload(f"Invalid metadata filter '{name}'.", param=name)
+            statement = statement.where(Job.job_metadata[key].astext == value)
+    rows, has_more = await repository.paginate(statement, page)
+    return to_page([JobObject.of(row) for row in rows], has_more, lambda j: j.id)
+
+
+@router.get("/{fine_tuning_job_id}", response_model=JobObject)
+async def retrieve_fine_tuning_job(
+    fine_tuning_job_id: JobId, principal: ReadPrincipal, session: SessionDep
+) -> JobObject:
+    return JobObject.of(await service.get_job(session, principal.project_id, fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/cancel", response_model=JobObject)
+async def cancel_fine_tuning_job(
+    fine_tuning_job_id: JobId, principal: WritePrincipal, session: SessionDep, context: Context
+) -> JobObject:
+    job = await service.cancel_job(session, context, principal.project_id, fine_tuning_job_id)
+    return JobObject.of(job)
+
+
+@router.post("/{fine_tuning_job_id}/pause", response_model=JobObject)
+async def pause_fine_tuning_job(
+    fine_tuning_job_id: JobId, principal: WritePrincipal, session: SessionDep, context: Context
+) -> JobObject:
+    job = await service.pause_or_resume(
+        session, context, principal.project_id, fine_tuning_job_id, "pause"
+    )
+    return JobObject.of(job)
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobObject)
+async def resume_fine_tuning_job(
+    fine_tuning_job_id: JobId, principal: WritePrincipal, session: SessionDep, context: Context
+) -> JobObject:
+    job = await service.pause_or_resume(
+        session, context, principal.project_id, fine_tuning_job_id, "resume"
+    )
+    return JobObject.of(job)
+
+
+@router.get("/{fine_tuning_job_id}/events", response_model=ListPage[JobEventObject])
+async def list_fine_tuning_events(
+    fine_tuning_job_id: JobId,
+    principal: ReadPrincipal,
+    session: SessionDep,
+    page: Annotated[PageParams, Depends(list_params)],
+) -> ListPage[JobEventObject]:
+    """Newest first, as OpenAI lists them; `after` is an event id."""
+    await service.get_job(session, principal.project_id, fine_tuning_job_id)
+    repository = JobEventRepository(session, principal.project_id)
+    statement = repository.select().where(JobEvent.job_id == fine_tuning_job_id)
+    rows, has_more = await repository.paginate(statement, page)
+    items = [
+        JobEventObject(
+            id=row.id,
+            created_at=to_unix(row.created_at) or 0,
+            level=row.level if row.level in {"info", "warn", "error"} else "info",
+            message=row.message,
+            type="metrics" if row.type == "metrics" else "message",
+            data=row.data,
+        )
+        for row in rows
+    ]
+    return to_page(items, has_more, lambda e: e.id)
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=ListPage[JobCheckpointObject])
+async def list_fine_tuning_checkpoints(
+    fine_tuning_job_id: JobId,
+    principal: ReadPrincipal,
+    session: SessionDep,
+    page: Annotated[PageParams, Depends(list_params)],
+) -> ListPage[JobCheckpointObject]:
+    await service.get_job(session, principal.project_id, fine_tuning_job_id)
+    repository = JobCheckpointRepository(session, principal.project_id)
+    statement = repository.select().where(JobCheckpoint.job_id == fine_tuning_job_id)
+    rows, has_more = await repository.paginate(statement, page)
+    items = [
+        JobCheckpointObject(
+            id=row.id,
+            created_at=to_unix(row.created_at) or 0,
+            fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
+            fine_tuning_job_id=row.job_id,
+            metrics=row.metrics,
+            step_number=row.step_number,
+        )
+        for row in rows
+    ]
+    return to_page(items, has_more, lambda c: c.id)

@@ -1,0 +1,314 @@
+"""Creating and managing fine-tuning jobs.
+
+`create_job` checks everything before anything is submitted (files, validation, model and
+method, hyperparameters, metadata, budget) and stores the job as `validating_files`; the
+submitter worker (`tasks.py`) then creates it at the provider. Cancel, pause and resume call the
+provider when the job is there, and every status change goes through `state.transition`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.files import service as files
+from app.files.storage import BlobStorage
+from app.jobs import state
+from app.jobs.repository import JobRepository
+from app.jobs.schemas import JobCreate
+from app.kit.errors import APIError, BadRequest, Conflict, InvalidPayload, NotFound
+from app.kit.ids import new_id
+from app.kit.time import utcnow
+from app.models import Job, JobEvent, Project
+from app.providers.base import Provider, ProviderError
+from app.validation import service as validations
+from app.validation.cost import epochs_for, price_for
+from app.validation.schemas import Hyperparameters
+from app.validation.service import ValidationContext
+
+
+@dataclass(frozen=True)
+class JobsContext:
+    settings: Settings
+    storage: BlobStorage
+    sessionmaker: async_sessionmaker[AsyncSession]
+    providers: dict[str, Provider]
+
+    @property
+    def validation(self) -> ValidationContext:
+        return ValidationContext(self.settings, self.storage, self.sessionmaker)
+
+
+class ProviderUnavailable(APIError):
+    status_code = 502
+    type = "server_error"
+    code = "provider_error"
+
+
+def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any]]:
+    method = body.method.type if body.method is not None else "supervised"
+    nested: Hyperparameters | None = None
+    if body.method is not None:
+        details = body.method.supervised if method == "supervised" else body.method.dpo
+        nested = details.hyperparameters if details is not None else None
+        other = body.method.dpo if method == "supervised" else body.method.supervised
+        if other is not None:
+            unused = "dpo" if method == "supervised" else "supervised"
+            raise InvalidPayload(
+                f"method.type is '{method}' but method.{unused} was given.", param="method"
+            )
+    if nested is not None and body.hyperparameters is not None:
+        raise InvalidPayload(
+            "Give hyperparameters either in method or at the top level (deprecated), not both.",
+            param="hyperparameters",
+        )
+    chosen = nested or body.hyperparameters or Hyperparameters()
+    values = chosen.model_dump(exclude_none=True)
+    if method == "supervised" and chosen.beta is not None:
+        raise InvalidPayload("beta applies to the dpo method only.", param="hyperparameters.beta")
+    if method == "dpo":
+        values.setdefault("beta", "auto")
+    return method, values
+
+
+def _provider_for(context: JobsContext, requested: str | None, model_provider: str) -> Provider:
+    name = requested or model_provider
+    provider = context.providers.get(name)
+    if provider is not None:
+        return provider
+    if name == "openai":
+        raise BadRequest(
+            "No OpenAI provider is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
+            "OpenAI-compatible server such as `tunegate emulator`), then restart tunegate.",
+            param="provider",
+            code="provider_not_configured",
+        )
+    known = ", ".join(sorted(context.providers)) or "none configured"
+    raise BadRequest(
+        f"Provider '{name}' is not available (available: {known}).",
+        param="provider",
+        code="provider_not_configured",
+    )
+
+
+async def _check_file(context: JobsContext, project_id: str, file_id: str, param: str) -> None:
+    async with context.sessionmaker() as reader:
+        try:
+            file = await files.get_file(reader, project_id, file_id)
+        except NotFound:
+            raise BadRequest(
+                f"invalid {param}: {file_id}", param=param, code="invalid_file"
+            ) from None
+    if file.purpose != "fine-tune":
+        raise BadRequest(
+            f"File {file_id} has purpose '{file.purpose}'; fine-tuning needs purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file",
+        )
+
+
+async def create_job(
+    session: AsyncSession, context: JobsContext, project_id: str, body: JobCreate
+) -> Job:
+    # The model first: an unknown model is a 404 whatever else is wrong with the request.
+    validations.resolve_target(
+        context.settings, body.model, body.method.type if body.method else "supervised"
+    )
+    method, hyperparameters = _method_and_hyperparameters(body)
+    if body.integrations:
+        raise BadRequest(
+            "integrations are not supported by tunegate (use its webhooks).",
+            param="integrations",
+        )
+    target = validations.resolve_target(
+        context.settings,
+        body.model,
+        method,
+        hyperparameters["n_epochs"] if isinstance(hyperparameters.get("n_epochs"), int) else None,
+    )
+    provider = _provider_for(context, body.provider, target.model.provider)
+    if body.metadata is not None and len(body.metadata) >= 16 and provider.name == "openai":
+        raise InvalidPayload(
+            "At most 15 metadata pairs for OpenAI jobs: tunegate uses one (tunegate_job_id) to "
+            "find the job at OpenAI again after a failure.",
+            param="metadata",
+        )
+
+    await _check_file(context, project_id, body.training_file, "training_file")
+    if body.validation_file is not None:
+        await _check_file(context, project_id, body.validation_file, "validation_file")
+    training = await validations.report_for_target(
+        session, context.validation, project_id, body.training_file, target, "training_file"
+    )
+    _refuse_invalid(training, body.training_file, "training_file")
+    if body.validation_file is not None:
+        held_out = await validations.report_for_target(
+            session, context.validation, project_id, body.validation_file, target, "validation_file"
+        )
+        _refuse_invalid(held_out, body.validation_file, "validation_file")
+
+    estimated_cost = _estimated_cost(training.report or {}, target)
+    project = await session.get(Project, project_id)
+    budget = None if project is None else project.training_budget_usd
+    if budget is not None and estimated_cost is not None and estimated_cost > budget:
+        raise BadRequest(
+            f"The estimated cost of this job, ${estimated_cost:.2f}, is over the project's "
+            f"training budget of ${budget:.2f}.",
+            param="training_file",
+            code="budget_exceeded",
+        )
+
+    now = utcnow()
+    job = Job(
+        id=new_id("ftjob-"),
+        provider=provider.name,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        method={"type": method, method: {"hyperparameters": hyperparameters}},
+        hyperparameters=hyperparameters,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        job_metadata=body.metadata,
+        status="validating_files",
+        result_files=[],
+        estimated_cost_usd=estimated_cost,
+        submit_attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+    )
+    JobRepository(session, project_id).add(job)
+    session.add(
+        JobEvent(
+            id=new_id("ftevent-"),
+            job_id=job.id,
+            project_id=project_id,
+            level="info",
+            message=f"Created fine-tuning job: {job.id}",
+            type="message",
+            created_at=now,
+        )
+    )
+    await session.flush()
+    return job
+
+
+def _refuse_invalid(report_row: Any, file_id: str, param: str) -> None:
+    if report_row.verdict != "invalid":
+        return
+    report = report_row.report or {}
+    errors = report.get("errors") or []
+    first = errors[0] if errors else {}
+    where = ""
+    occurrences = first.get("occurrences") or []
+    if occurrences:
+        where = f" at line {occurrences[0].get('line')}"
+    total = sum(e.get("count", 0) for e in errors)
+    raise BadRequest(
+        f"File {file_id} has {total} validation error(s) (first: {first.get('code')}{where}: "
+        f"{first.get('message')}). Read the report: GET /v1/files/{file_id}/validations/"
+        f"{report_row.id}",
+        param=param,
+        code="invalid_training_file" if param == "training_file" else "invalid_validation_file",
+    )
+
+
+def _estimated_cost(report: dict[str, Any], target: Any) -> float | None:
+    examples = int(report.get("examples") or 0)
+    per_epoch = int((report.get("tokens") or {}).get("billable_per_epoch") or 0)
+    epochs, _ = epochs_for(examples, target.n_epochs)
+    usd_per_1m, _ = price_for(target)
+    return None if usd_per_1m is None else round(per_epoch * epochs * usd_per_1m / 1e6, 4)
+
+
+async def get_job(session: AsyncSession, project_id: str, job_id: str) -> Job:
+    job = await JobRepository(session, project_id).get(job_id)
+    if job is None:
+        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    return job
+
+
+async def _read_job(context: JobsContext, project_id: str, job_id: str) -> Job:
+    """A read in its own short session: provider calls follow, with no transaction open."""
+    async with context.sessionmaker() as reader:
+        return await get_job(reader, project_id, job_id)
+
+
+async def _provider_call(context: JobsContext, job: Job, action: str) -> Any:
+    provider = context.providers.get(job.provider)
+    if provider is None:
+        raise ProviderUnavailable(f"The provider '{job.provider}' of this job is not configured.")
+    assert job.provider_job_id is not None
+    try:
+        call = getattr(provider, f"{action}_job")
+        return await call(job.provider_job_id)
+    except ProviderError as exc:
+        if exc.retryable:
+            raise ProviderUnavailable(
+                f"The provider did not answer the {action} request ({exc}); try again.",
+                headers={"Retry-After": str(int(exc.retry_after or 1))},
+            ) from None
+        raise BadRequest(
+            f"The provider refused to {action} the job: {exc}", code=exc.code or f"{action}_refused"
+        ) from None
+
+
+async def cancel_job(
+    session: AsyncSession, context: JobsContext, project_id: str, job_id: str
+) -> Job:
+    job = await _read_job(context, project_id, job_id)
+    if state.is_terminal(job.status):
+        raise BadRequest(
+            f"Job {job_id} has already {job.status}; only unfinished jobs can be cancelled.",
+            code="job_finished",
+        )
+    if job.provider_job_id is not None:
+        await _provider_call(context, job, "cancel")
+    locked = await JobRepository(session, project_id).get_for_update(job_id)
+    if locked is None:
+        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    if not state.is_terminal(locked.status):
+        await state.transition(session, locked, "cancelled")
+    return locked
+
+
+async def pause_or_resume(
+    session: AsyncSession, context: JobsContext, project_id: str, job_id: str, action: str
+) -> Job:
+    job = await _read_job(context, project_id, job_id)
+    provider = context.providers.get(job.provider)
+    if provider is not None and not provider.supports_pause:
+        raise BadRequest(
+            f"The '{job.provider}' provider cannot {action} jobs.", code=f"{action}_not_supported"
+        )
+    wanted, needed = ("paused", "running") if action == "pause" else ("running", "paused")
+    if job.status != needed:
+        raise BadRequest(
+            f"Job {job_id} is {job.status}; only a {needed} job can be {wanted}.",
+            code=f"cannot_{action}",
+        )
+    if job.provider_job_id is None:
+        raise Conflict(f"Job {job_id} is not at its provider yet; retry shortly.")
+    await _provider_call(context, job, action)
+    locked = await JobRepository(session, project_id).get_for_update(job_id)
+    if locked is None:
+        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    if state.can_transition(locked.status, wanted):
+        await state.transition(session, locked, wanted)
+    return locked
+
+
+async def ensure_not_in_use(session: AsyncSession, project_id: str, file_id: str) -> None:
+    """A file an unfinished job trains on cannot be deleted."""
+    using = await JobRepository(session, project_id).active_jobs_using(file_id)
+    if using:
+        raise Conflict(
+            f"File {file_id} is used by unfinished fine-tuning job(s) {', '.join(using)}; "
+            "cancel them or wait until they finish.",
+            param="file_id",
+            code="file_in_use",
+        )

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base, CreatedAtMixin
+
+JOB_STATUSES = (
+    "validating_files",
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "paused",
+)
+
+
+class Job(CreatedAtMixin, Base):
+    """OpenAI's fine_tuning.job plus how tunegate drives it at the provider."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('validating_files', 'queued', 'running', 'succeeded', 'failed', "
+            "'cancelled', 'paused')",
+            name="status",
+        ),
+        Index("ix_jobs_project_id_created_at", "project_id", "created_at"),
+        # The submitter's queue: jobs stored but not yet created at the provider.
+        Index(
+            "ix_jobs_submit_queue",
+            "next_attempt_at",
+            postgresql_where=text("submitted_at IS NULL AND status = 'validating_files'"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
+    )
+    provider: Mapped[str] = mapped_column(String(32), nullable=False)
+    provider_job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    model: Mapped[str] = mapped_column(String(256), nullable=False)
+    training_file: Mapped[str] = mapped_column(String(40), nullable=False, index=True)
+    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    method: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONB, nullable=True)
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    result_files: Mapped[list[str]] = mapped_column(JSONB, nullable=False, default=list)
+    estimated_cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    estimated_finish: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Submission (the submitter worker): attempts, backoff and the lease of the worker on it.
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    submit_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_submit_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobEvent(CreatedAtMixin, Base):
+    """fine_tuning.job.event: tunegate's own (status changes) and the provider's, stored once."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (
+        Index("ix_job_events_job_id_created_at", "job_id", "created_at"),
+        Index(
+            "uq_job_events_job_id_provider_event_id",
+            "job_id",
+            "provider_event_id",
+            unique=True,
+            postgresql_where=text("provider_event_id IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    )
+    project_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
+    )
+    level: Mapped[str] = mapped_column(String(16), nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    type: Mapped[str] = mapped_column(String(32), nullable=False, default="message")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    provider_event_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class JobCheckpoint(CreatedAtMixin, Base):
+    __tablename__ = "job_checkpoints"
+    __table_args__ = (Index("ix_job_checkpoints_job_id_step", "job_id", "step_number"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    )
+    project_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
+    )
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(256), nullable=False)
+    step_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+
+
+class ProviderFile(CreatedAtMixin, Base):
+    """A File already uploaded to a provider: uploaded once per file and provider."""
+
+    __tablename__ = "provider_files"
+
+    file_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    provider_file_id: Mapped[str] = mapped_column(String(128), nullable=False)

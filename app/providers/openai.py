@@ -1,0 +1,486 @@
+"""The `openai` provider: OpenAI's fine-tuning, files, models and chat APIs via the official SDK.
+
+One `AsyncOpenAI` per provider (so per process), built from the `OPENAI_*` settings, with the
+SDK's own retries off by default: every SDK exception is translated into the `ProviderError`
+hierarchy (`translate_error`) and the caller decides, from `retryable`, whether to try again.
+Messages keep OpenAI's wording, `code` and `param`; the API key never appears in them.
+
+Choices worth knowing:
+- `list_events` / `list_checkpoints`: OpenAI lists newest first and its `after` cursor pages
+  towards *older* items, so "what happened since event X" cannot be asked directly. We page
+  from the newest until we meet the cursor (or run out of pages), keep the oldest `limit` items
+  of what we passed (a bounded deque) and return them oldest first. An unknown cursor therefore
+  reads from the very first event, which is what a caller whose cursor was lost needs.
+- `create_job` sends `Idempotency-Key` as a header: this SDK client sets no idempotency header,
+  so its `idempotency_key` request option would be dropped before reaching the wire. The real
+  protection against duplicate jobs is the metadata tag looked up by `find_job_by_metadata`.
+- Chat completions go through `client.post("/chat/completions", cast_to=object)`, so every
+  parameter (including ones this SDK version does not know) reaches OpenAI unchanged and the
+  answer comes back as OpenAI's JSON.
+- Files up to 512 MB are one multipart request streamed from the open file; larger ones use
+  the Uploads API in 64 MB parts (OpenAI's limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Protocol, cast
+
+import openai
+from openai import AsyncOpenAI, AsyncStream, omit
+
+from app.providers.base import (
+    BaseModelInfo,
+    Provider,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderCheckpoint,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderEvent,
+    ProviderJob,
+    ProviderNotFound,
+    ProviderPermissionDenied,
+    ProviderRateLimited,
+    ProviderServerError,
+    ProviderTimeout,
+    retry_after_seconds,
+)
+
+__all__ = ["OPENAI_BASE_MODELS", "OpenAIProvider", "translate_error"]
+
+# Largest file in one POST /v1/files; above it OpenAI wants the Uploads API (up to 8 GB).
+DIRECT_UPLOAD_MAX_BYTES = 512 * 1024 * 1024
+# Part size for the Uploads API (OpenAI's maximum part).
+UPLOAD_PART_BYTES = 64 * 1024 * 1024
+# Items per list request (OpenAI's maximum for job, event and checkpoint lists).
+PAGE_SIZE = 100
+# `find_job_by_metadata` gives up after this many pages: the tagged job is among the newest.
+METADATA_SEARCH_PAGES = 3
+
+_SUPERVISED = ("supervised",)
+_SUPERVISED_DPO = ("supervised", "dpo")
+
+# What OpenAI can fine-tune: context per training example, USD per 1M training tokens, methods.
+OPENAI_BASE_MODELS: tuple[BaseModelInfo, ...] = tuple(
+    BaseModelInfo(id=model, context_limit=context, training_usd_per_1m=price, methods=methods,
+                  shutdown_date=None)
+    for model, context, price, methods in (
+        ("gpt-4o-mini-2024-07-18", 65_536, 3.00, _SUPERVISED_DPO),
+        ("gpt-4o-2024-08-06", 65_536, 25.00, _SUPERVISED_DPO),
+        ("gpt-4.1-2025-04-14", 65_536, 25.00, _SUPERVISED_DPO),
+        ("gpt-4.1-mini-2025-04-14", 65_536, 5.00, _SUPERVISED_DPO),
+        ("gpt-4.1-nano-2025-04-14", 65_536, 1.50, _SUPERVISED_DPO),
+        ("gpt-3.5-turbo-0125", 16_385, 8.00, _SUPERVISED),
+        ("babbage-002", 16_384, 0.40, _SUPERVISED),
+        ("davinci-002", 16_384, 6.00, _SUPERVISED),
+    )
+)  # fmt: skip
+
+# Anything that looks like an OpenAI secret key, in case an upstream message quotes one.
+_KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-]{16,}")
+
+
+class _Identified(Protocol):
+    id: str
+
+
+class _Page(Protocol):
+    """The part of the SDK's `AsyncCursorPage` we use."""
+
+    @property
+    def data(self) -> list[Any]: ...
+
+    def has_next_page(self) -> bool: ...
+
+    async def get_next_page(self) -> Any: ...
+
+
+def translate_error(exc: openai.OpenAIError, *, secrets: Iterable[str] = ()) -> ProviderError:
+    """The `ProviderError` for an `openai` SDK exception, with OpenAI's message, code, param."""
+    hidden = [secret for secret in secrets if secret]
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderTimeout("The request to OpenAI timed out.")
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderConnectionError(f"Could not reach OpenAI: {exc.message}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message = _redact(_upstream_message(exc.body, f"OpenAI answered HTTP {status}."), hidden)
+        details: dict[str, Any] = {
+            "status": status,
+            "code": exc.code,
+            "param": exc.param,
+            "retry_after": retry_after_seconds(exc.response.headers),
+        }
+        return _STATUS_ERRORS.get(status, _status_fallback(status))(message, **details)
+    if isinstance(exc, openai.APIError):
+        # No HTTP status: an error event in the middle of a stream, or an answer that did not
+        # parse. Both are the provider's trouble.
+        message = _redact(_upstream_message(exc.body, exc.message), hidden)
+        return ProviderServerError(message, code=exc.code, param=exc.param)
+    return ProviderError(_redact(str(exc) or type(exc).__name__, hidden))
+
+
+_STATUS_ERRORS: dict[int, type[ProviderError]] = {
+    400: ProviderBadRequest,
+    401: ProviderAuthError,
+    403: ProviderPermissionDenied,
+    404: ProviderNotFound,
+    408: ProviderServerError,
+    409: ProviderServerError,
+    422: ProviderBadRequest,
+    429: ProviderRateLimited,
+}
+
+
+def _status_fallback(status: int) -> type[ProviderError]:
+    return ProviderServerError if status >= 500 else ProviderBadRequest
+
+
+def _upstream_message(body: object, fallback: str) -> str:
+    """OpenAI's `error.message` (the SDK hands us the inner `error` object as the body)."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            message = inner.get("message")
+            if isinstance(message, str) and message.strip():
+                return message
+    return fallback
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return _KEY_PATTERN.sub("sk-[redacted]", text)
+
+
+class _Translated:
+    """`with self._translated():` turns any `openai` exception into a `ProviderError`."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, openai.OpenAIError):
+            raise translate_error(exc, secrets=[self._secret]) from exc
+
+
+class OpenAIProvider(Provider):
+    """OpenAI through one shared `AsyncOpenAI`."""
+
+    name: ClassVar[str] = "openai"
+    supports_pause: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 0,
+    ) -> None:
+        self._api_key = api_key
+        self._client = AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            organization=organization,
+            project=project,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    def _translated(self) -> _Translated:
+        return _Translated(self._api_key)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # Files
+
+    async def upload_file(self, filename: str, path: Path, purpose: str = "fine-tune") -> str:
+        size = (await asyncio.to_thread(path.stat)).st_size
+        with self._translated():
+            if size > DIRECT_UPLOAD_MAX_BYTES:
+                return await self._upload_in_parts(filename, path, purpose, size)
+            # A retry inside the SDK would resend an already consumed file object: none here.
+            client = self._client.with_options(max_retries=0) if self._client.max_retries else None
+            handle = await asyncio.to_thread(path.open, "rb")
+            try:
+                created = await (client or self._client).files.create(
+                    file=(filename, handle), purpose=cast(Any, purpose)
+                )
+            finally:
+                await asyncio.to_thread(handle.close)
+            return str(created.id)
+
+    async def _upload_in_parts(self, filename: str, path: Path, purpose: str, size: int) -> str:
+        """The Uploads API: one part of at most 64 MB in memory at a time."""
+        uploads = self._client.uploads
+        upload = await uploads.create(
+            bytes=size,
+            filename=filename,
+            mime_type="text/jsonl" if filename.endswith(".jsonl") else "text/plain",
+            purpose=cast(Any, purpose),
+        )
+        part_ids: list[str] = []
+        handle = await asyncio.to_thread(path.open, "rb")
+        try:
+            while data := await asyncio.to_thread(handle.read, UPLOAD_PART_BYTES):
+                part = await uploads.parts.create(upload_id=upload.id, data=data)
+                part_ids.append(part.id)
+        finally:
+            await asyncio.to_thread(handle.close)
+        completed = await uploads.complete(upload.id, part_ids=part_ids)
+        if completed.file is None:
+            raise ProviderServerError(
+                f"OpenAI completed upload {completed.id} without a file ({completed.status})."
+            )
+        return str(completed.file.id)
+
+    # Jobs
+
+    async def create_job(
+        self,
+        *,
+        model: str,
+        training_file: str,
+        validation_file: str | None,
+        method: dict[str, Any] | None,
+        hyperparameters: dict[str, Any] | None,
+        suffix: str | None,
+        seed: int | None,
+        metadata: dict[str, str],
+        idempotency_key: str | None = None,
+    ) -> ProviderJob:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        with self._translated():
+            job = await self._client.fine_tuning.jobs.create(
+                model=model,
+                training_file=training_file,
+                validation_file=validation_file if validation_file is not None else omit,
+                method=cast(Any, method) if method is not None else omit,
+                hyperparameters=cast(Any, hyperparameters) if hyperparameters is not None else omit,
+                suffix=suffix if suffix is not None else omit,
+                seed=seed if seed is not None else omit,
+                metadata=metadata,
+                extra_headers=headers,
+            )
+        return _job(job.to_dict(mode="json"))
+
+    async def find_job_by_metadata(self, key: str, value: str) -> ProviderJob | None:
+        with self._translated():
+            page: _Page = await self._client.fine_tuning.jobs.list(
+                metadata={key: value}, limit=PAGE_SIZE
+            )
+            for _ in range(METADATA_SEARCH_PAGES):
+                # Checked here too: an upstream that ignores the filter must not match anything.
+                for job in page.data:
+                    raw = job.to_dict(mode="json")
+                    tags = raw.get("metadata")
+                    if isinstance(tags, dict) and tags.get(key) == value:
+                        return _job(raw)
+                if not page.has_next_page():
+                    break
+                page = await page.get_next_page()
+        return None
+
+    async def retrieve_job(self, job_id: str) -> ProviderJob:
+        return await self._job_call(self._client.fine_tuning.jobs.retrieve, job_id)
+
+    async def cancel_job(self, job_id: str) -> ProviderJob:
+        return await self._job_call(self._client.fine_tuning.jobs.cancel, job_id)
+
+    async def pause_job(self, job_id: str) -> ProviderJob:
+        return await self._job_call(self._client.fine_tuning.jobs.pause, job_id)
+
+    async def resume_job(self, job_id: str) -> ProviderJob:
+        return await self._job_call(self._client.fine_tuning.jobs.resume, job_id)
+
+    async def _job_call(self, call: Callable[[str], Awaitable[Any]], job_id: str) -> ProviderJob:
+        with self._translated():
+            job = await call(job_id)
+        return _job(job.to_dict(mode="json"))
+
+    async def list_events(
+        self, job_id: str, after: str | None = None, limit: int = 100
+    ) -> list[ProviderEvent]:
+        first = self._client.fine_tuning.jobs.list_events(job_id, limit=PAGE_SIZE)
+        items = await self._newer_than(first, after, limit)
+        return [_event(item.to_dict(mode="json")) for item in items]
+
+    async def list_checkpoints(
+        self, job_id: str, after: str | None = None, limit: int = 100
+    ) -> list[ProviderCheckpoint]:
+        first = self._client.fine_tuning.jobs.checkpoints.list(job_id, limit=PAGE_SIZE)
+        items = await self._newer_than(first, after, limit)
+        return [_checkpoint(item.to_dict(mode="json")) for item in items]
+
+    async def _newer_than(self, first: Awaitable[Any], after: str | None, limit: int) -> list[Any]:
+        """The oldest `limit` items newer than `after` from a newest-first listing, oldest
+        first (see the module docstring)."""
+        if limit < 1:
+            return []
+        kept: deque[Any] = deque(maxlen=limit)
+        with self._translated():
+            page: _Page = await first
+            while True:
+                for item in page.data:
+                    if cast(_Identified, item).id == after:
+                        return list(reversed(kept))
+                    kept.append(item)
+                if not page.has_next_page():
+                    return list(reversed(kept))
+                page = await page.get_next_page()
+
+    # Models
+
+    async def delete_model(self, model_id: str) -> None:
+        with self._translated():
+            await self._client.models.delete(model_id)
+
+    async def list_base_models(self) -> list[BaseModelInfo]:
+        shutdown: dict[str, str] = {}
+        try:
+            with self._translated():
+                async for model in self._client.models.list():
+                    date = _shutdown_date(model.to_dict(mode="json").get("shutdown_date"))
+                    if date is not None:
+                        shutdown[model.id] = date
+        except ProviderError:
+            pass  # the static table stands on its own; retirement dates are a bonus
+        return [
+            BaseModelInfo(
+                id=info.id,
+                context_limit=info.context_limit,
+                training_usd_per_1m=info.training_usd_per_1m,
+                methods=info.methods,
+                shutdown_date=shutdown.get(info.id),
+            )
+            for info in OPENAI_BASE_MODELS
+        ]
+
+    # Chat
+
+    async def chat_completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        # Which method was called decides streaming, not the body's `stream` flag.
+        request = {key: value for key, value in body.items() if key != "stream"}
+        with self._translated():
+            answer = await self._client.post(
+                "/chat/completions",
+                body=request,
+                cast_to=object,
+                options={"security": {"bearer_auth": True}},
+            )
+        if not isinstance(answer, dict):
+            raise ProviderServerError("OpenAI answered a chat completion with no JSON object.")
+        return cast(dict[str, Any], answer)
+
+    async def stream_chat_completion(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        with self._translated():
+            stream = await self._client.post(
+                "/chat/completions",
+                body={**body, "stream": True},
+                cast_to=object,
+                options={"security": {"bearer_auth": True}},
+                stream=True,
+                stream_cls=AsyncStream[object],
+            )
+        try:
+            with self._translated():
+                async for chunk in stream:
+                    if isinstance(chunk, dict):
+                        yield cast(dict[str, Any], chunk)
+        finally:
+            # Also reached when our caller closes this iterator early: the upstream response
+            # (and its connection) is released instead of being read to the end.
+            await stream.close()
+
+
+def _job(raw: dict[str, Any]) -> ProviderJob:
+    error = raw.get("error")
+    # OpenAI sometimes sends `"error": {}` or all-null fields for a job that did not fail.
+    if not isinstance(error, dict) or not any(v is not None for v in error.values()):
+        error = None
+    method = raw.get("method")
+    metadata = raw.get("metadata")
+    hyperparameters = raw.get("hyperparameters")
+    return ProviderJob(
+        id=str(raw["id"]),
+        status=str(raw.get("status", "")),
+        model=str(raw.get("model", "")),
+        fine_tuned_model=_optional_str(raw.get("fine_tuned_model")),
+        trained_tokens=_optional_int(raw.get("trained_tokens")),
+        error=error,
+        result_files=[str(file_id) for file_id in raw.get("result_files") or []],
+        created_at=_optional_int(raw.get("created_at")) or 0,
+        finished_at=_optional_int(raw.get("finished_at")),
+        estimated_finish=_optional_int(raw.get("estimated_finish")),
+        hyperparameters=hyperparameters if isinstance(hyperparameters, dict) else {},
+        method=method if isinstance(method, dict) else None,
+        metadata={str(k): str(v) for k, v in metadata.items()}
+        if isinstance(metadata, dict)
+        else None,
+        raw=raw,
+    )
+
+
+def _event(raw: dict[str, Any]) -> ProviderEvent:
+    data = raw.get("data")
+    return ProviderEvent(
+        id=str(raw["id"]),
+        created_at=_optional_int(raw.get("created_at")) or 0,
+        level=str(raw.get("level", "info")),
+        message=str(raw.get("message", "")),
+        type=_optional_str(raw.get("type")),
+        data=data if isinstance(data, dict) else None,
+    )
+
+
+def _checkpoint(raw: dict[str, Any]) -> ProviderCheckpoint:
+    metrics = raw.get("metrics")
+    return ProviderCheckpoint(
+        id=str(raw["id"]),
+        created_at=_optional_int(raw.get("created_at")) or 0,
+        fine_tuned_model_checkpoint=str(raw.get("fine_tuned_model_checkpoint", "")),
+        step_number=_optional_int(raw.get("step_number")) or 0,
+        metrics=metrics if isinstance(metrics, dict) else {},
+    )
+
+
+def _optional_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _optional_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _shutdown_date(value: object) -> str | None:
+    """An ISO date from what `/v1/models` may carry: a date string or a Unix timestamp."""
+    if isinstance(value, str) and value:
+        return value
+    timestamp = _optional_int(value)
+    if timestamp is not None:
+        return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
+    return None

@@ -1,0 +1,179 @@
+"""Jobs end to end with real processes: the official SDK -> `tunegate serve` (its submitter) ->
+the OpenAI emulator (`tunegate emulator`) on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import openai
+import pytest
+
+from tests.server import RunningServer, free_port, server_env, start_server, tunegate_command
+
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+ADMIN_KEY = "tg-jobsflow01-0123456789abcdefghijklmnopqrstuvwxyzABCD"
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("emulator")
+    process = subprocess.Popen(
+        [*tunegate_command(), "emulator", "--port", str(port), "--speed", "50"],
+        env=server_env(workdir / "data"),
+        stdout=(workdir / "emulator.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+
+    def up() -> bool:
+        assert process.poll() is None, (workdir / "emulator.log").read_text()
+        try:
+            return http.get("/_emulator/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 30, "the emulator")
+    yield http
+    http.close()
+    process.terminate()
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, emulator: httpx.Client
+) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("jobs-serve"),
+        TUNEGATE_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        TUNEGATE_JOBS__POLL_INTERVAL="PT0.2S",
+        OPENAI_API_KEY="sk-emulator-key",
+        OPENAI_BASE_URL=f"{emulator.base_url}/v1",
+    )
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=ADMIN_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def training_file(client: openai.OpenAI, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "You add numbers."},
+                        {"role": "user", "content": f"{i} + {i}?"},
+                        {"role": "assistant", "content": str(2 * i)},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
+    with path.open("rb") as handle:
+        return client.files.create(file=handle, purpose="fine-tune").id
+
+
+def upstream_creates(emulator: httpx.Client) -> dict[str, int]:
+    for row in emulator.get("/_emulator/requests").json()["data"]:
+        if row["method"] == "POST" and row["path"] == "/v1/fine_tuning/jobs":
+            return dict(row["outcomes"])
+    return {}
+
+
+def submitted(client: openai.OpenAI, job_id: str) -> Callable[[], Any]:
+    def check() -> Any:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        extra = job.model_extra or {}
+        return job if extra.get("provider_job_id") or job.status == "failed" else None
+
+    return check
+
+
+def test_a_job_is_submitted_once_and_can_be_cancelled(
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+) -> None:
+    emulator.delete("/_emulator/requests")
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini-2024-07-18",
+        training_file=training_file,
+        suffix="adder",
+        metadata={"team": "math"},
+    )
+    assert job.status == "validating_files" and job.id.startswith("ftjob-")
+    done = wait_for(submitted(client, job.id), 30, "submission")
+    upstream_id = done.model_extra["provider_job_id"]
+    assert upstream_creates(emulator) == {"200": 1}
+    upstream = emulator.get(
+        f"/v1/fine_tuning/jobs/{upstream_id}", headers={"Authorization": "Bearer x"}
+    ).json()
+    assert upstream["metadata"] == {"team": "math", "tunegate_job_id": job.id}
+    assert upstream["suffix"] if "suffix" in upstream else True
+
+    listed = [j.id for j in client.fine_tuning.jobs.list(limit=1)]
+    assert job.id in listed  # auto-pagination over limit=1 pages
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    upstream = emulator.get(
+        f"/v1/fine_tuning/jobs/{upstream_id}", headers={"Authorization": "Bearer x"}
+    ).json()
+    assert upstream["status"] == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert any("cancelled" in m for m in events) and any("Created" in m for m in events)
+
+
+def test_a_429_storm_is_ridden_out_without_a_duplicate(
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+) -> None:
+    emulator.delete("/_emulator/requests")
+    emulator.post("/_emulator/faults", json={"rate_limit": 3}).raise_for_status()
+    job = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=training_file)
+    done = wait_for(submitted(client, job.id), 60, "submission through 429s")
+    assert done.status != "failed", done
+    creates = upstream_creates(emulator)
+    assert creates.get("200") == 1, creates
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_training_not_available_fails_the_job_with_the_providers_message(
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+) -> None:
+    emulator.post("/_emulator/faults", json={"training_not_available": True}).raise_for_status()
+    try:
+        job = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=training_file)
+        failed = wait_for(
+            lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "failed" and j,
+            30,
+            "the job to fail",
+        )
+    finally:
+        emulator.delete("/_emulator/faults")
+    assert failed.error is not None and failed.error.code == "training_not_available"
+    assert failed.error.message
+    assert failed.finished_at is not None
