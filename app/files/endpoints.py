@@ -72,17 +72,6 @@ _MULTIPART_BODY = {
         },
     }
 }
-_IDEMPOTENCY_HEADER = {
-    "parameters": [
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "description": "Same key and request within 24 h: the first answer again.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
-        }
-    ]
-}
 _PART_BODY = {
     "requestBody": {
         "required": True,
@@ -117,7 +106,7 @@ class RangeNotSatisfiable(APIError):
 
 
 @files_router.post(
-    "", response_model=FileObject, openapi_extra=_MULTIPART_BODY | _IDEMPOTENCY_HEADER
+    "", response_model=FileObject, openapi_extra=_MULTIPART_BODY | idempotency.OPENAPI_HEADER
 )
 async def create_file(
     request: Request, principal: WritePrincipal, session: SessionDep, context: Context
@@ -289,7 +278,7 @@ def _content_disposition(filename: str) -> str:
 # --- Uploads ------------------------------------------------------------------------------------
 
 
-@uploads_router.post("", response_model=UploadObject, openapi_extra=_IDEMPOTENCY_HEADER)
+@uploads_router.post("", response_model=UploadObject, openapi_extra=idempotency.OPENAPI_HEADER)
 async def create_upload(
     request: Request,
     body: UploadCreate,

@@ -26,7 +26,14 @@ from typing import IO, Any, Final
 
 import orjson
 
-__all__ = ["MAX_SAMPLED_LINE_BYTES", "SAMPLE_LINES", "DatasetFormat", "Detection", "detect_format"]
+__all__ = [
+    "MAX_SAMPLED_LINE_BYTES",
+    "SAMPLE_LINES",
+    "SIGNAL_KEYS",
+    "DatasetFormat",
+    "Detection",
+    "detect_format",
+]
 
 SAMPLE_LINES: Final = 50
 MAX_SAMPLED_LINE_BYTES: Final = 4 * 1024 * 1024
@@ -90,7 +97,7 @@ class Detection:
 # Top-level keys that identify a JSONL format on their own. They are disjoint between formats;
 # keys that several formats share ("tools") or that other, unsupported formats use as well
 # ("input", as in Alpaca) are deliberately missing, so they never decide a format alone.
-_SIGNAL_KEYS: Final[dict[str, DatasetFormat]] = {
+SIGNAL_KEYS: Final[dict[str, DatasetFormat]] = {
     "messages": DatasetFormat.chat,
     "preferred_output": DatasetFormat.dpo,
     "non_preferred_output": DatasetFormat.dpo,
@@ -103,7 +110,7 @@ _SIGNAL_KEYS: Final[dict[str, DatasetFormat]] = {
     "output_text": DatasetFormat.vertex_text,
 }
 _SIGNAL_KEYS_BYTES: Final[dict[bytes, DatasetFormat]] = {
-    key.encode(): fmt for key, fmt in _SIGNAL_KEYS.items()
+    key.encode(): fmt for key, fmt in SIGNAL_KEYS.items()
 }
 _LONGEST_SIGNAL_KEY: Final = max(map(len, _SIGNAL_KEYS_BYTES))
 
@@ -303,8 +310,8 @@ def _classify_object(value: dict[str, Any], number: int) -> DatasetFormat | str:
         return f"line {number} is an empty JSON object"
     signals: dict[DatasetFormat, list[str]] = {}
     for key in value:
-        if key in _SIGNAL_KEYS:
-            signals.setdefault(_SIGNAL_KEYS[key], []).append(key)
+        if key in SIGNAL_KEYS:
+            signals.setdefault(SIGNAL_KEYS[key], []).append(key)
     if not signals:
         return f"line {number} has keys {_quoted(value)}, which match no known format"
     if len(signals) > 1:

@@ -28,17 +28,6 @@ router = APIRouter(
 )
 
 JobId = Annotated[str, Path(max_length=64, description="The job's id (`ftjob-…`).")]
-_IDEMPOTENCY = {
-    "parameters": [
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "description": "Same key and request within 24 h: the first answer again.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
-        }
-    ]
-}
 
 
 def jobs_context(request: Request) -> JobsContext:
@@ -61,7 +50,7 @@ def list_params(
     return PageParams(after=after, limit=limit, order=Order.desc)
 
 
-@router.post("", response_model=JobObject, openapi_extra=_IDEMPOTENCY)
+@router.post("", response_model=JobObject, openapi_extra=idempotency.OPENAPI_HEADER)
 async def create_fine_tuning_job(
     request: Request,
     body: JobCreate,

@@ -31,6 +31,19 @@ from app.models import IdempotencyKey
 
 AnswerT = TypeVar("AnswerT", bound=BaseModel)
 
+# `openapi_extra` for a route that honours the header, so clients and schema tests see it.
+OPENAPI_HEADER: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Same key and request within 24 h: the first answer again.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+        }
+    ]
+}
+
 HEADER = "Idempotency-Key"
 RETENTION = timedelta(hours=24)
 # An unfinished claim this old belongs to a request that died; longer than any upload takes.

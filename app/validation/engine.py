@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Final, Protocol
 
 import orjson
 
-from app.files.formats import DatasetFormat
+from app.files.formats import SIGNAL_KEYS, DatasetFormat
 from app.validation.csv_rows import count_csv_rows, is_csv_header
 from app.validation.issues import IssueLog
 from app.validation.memory import return_large_blocks_to_the_system
@@ -46,19 +46,8 @@ __all__ = ["DEFAULT_MAX_LINE_BYTES", "Target", "ValidationCancelled", "validate_
 
 DEFAULT_MAX_LINE_BYTES: Final = 8 * 1024 * 1024
 
-# Top-level keys that identify a format on their own (as in app.files.formats).
-_SIGNAL_KEYS: Final[dict[str, DatasetFormat]] = {
-    "messages": DatasetFormat.chat,
-    "preferred_output": DatasetFormat.dpo,
-    "non_preferred_output": DatasetFormat.dpo,
-    "prompt": DatasetFormat.prompt_completion,
-    "completion": DatasetFormat.prompt_completion,
-    "contents": DatasetFormat.gemini,
-    "systemInstruction": DatasetFormat.gemini,
-    "system_instruction": DatasetFormat.gemini,
-    "input_text": DatasetFormat.vertex_text,
-    "output_text": DatasetFormat.vertex_text,
-}
+# Top-level keys that identify a format on their own: the detector's own table.
+_SIGNAL_KEYS: Final = SIGNAL_KEYS
 _DEEP_FORMATS: Final = (DatasetFormat.chat, DatasetFormat.dpo, DatasetFormat.prompt_completion)
 _WHITESPACE: Final = b" \t\r\n\x0b\x0c"
 
