@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert
 
@@ -41,86 +43,103 @@ def backoff(attempt: int, retry_after: float | None) -> timedelta:
     return timedelta(seconds=delay * random.uniform(1.0, 1.25))
 
 
+@dataclass(frozen=True)
+class _Submission:
+    """What the submitter needs of a claimed job, read before its transaction closes."""
+
+    job_id: str
+    attempts: int
+    provider: str
+    model: str
+    method: dict[str, Any]
+    suffix: str | None
+    seed: int | None
+    metadata: dict[str, str]
+    training_file: str
+    validation_file: str | None
+    files: dict[str, tuple[str, str]]  # file id -> (sha256, filename), for files still there
+    known: dict[str, str]  # file id -> provider file id, for files uploaded before
+
+    @property
+    def file_ids(self) -> list[str]:
+        return [f for f in (self.training_file, self.validation_file) if f is not None]
+
+
+async def _claim(worker: WorkerContext, lease: datetime) -> _Submission | None:
+    async with worker.database.sessionmaker() as session, session.begin():
+        job = await SubmitQueue(session).claim(utcnow(), lease)
+        if job is None:
+            return None
+        file_ids = [f for f in (job.training_file, job.validation_file) if f is not None]
+        files = [await session.get(File, file_id) for file_id in file_ids]
+        uploaded = [await session.get(ProviderFile, (i, job.provider)) for i in file_ids]
+        return _Submission(
+            job_id=job.id,
+            attempts=job.submit_attempts,
+            provider=job.provider,
+            model=job.model,
+            method=job.method,
+            suffix=job.suffix,
+            seed=job.seed,
+            metadata={**(job.job_metadata or {}), TAG: job.id},
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            files={f.id: (f.sha256, f.filename) for f in files if f is not None},
+            known={u.file_id: u.provider_file_id for u in uploaded if u is not None},
+        )
+
+
 async def submit_one(
     worker: WorkerContext, storage: BlobStorage, providers: dict[str, Provider]
 ) -> bool:
     """Claim and submit one job; False when there was nothing to do."""
-    settings = worker.settings.jobs
-    sessionmaker = worker.database.sessionmaker
-    now = utcnow()
-    lease = now + settings.submit_lease
-    async with sessionmaker() as session, session.begin():
-        job = await SubmitQueue(session).claim(now, lease)
-        if job is None:
-            return False
-        job_id, attempts, provider_name = job.id, job.submit_attempts, job.provider
-        file_ids = [f for f in (job.training_file, job.validation_file) if f is not None]
-        files = {
-            f.id: (f.sha256, f.filename)
-            for f in [await session.get(File, i) for i in file_ids]
-            if f
-        }
-        known = {
-            row.file_id: row.provider_file_id
-            for row in [await session.get(ProviderFile, (i, provider_name)) for i in file_ids]
-            if row is not None
-        }
-        request = {
-            "model": job.model,
-            "method": job.method,
-            "suffix": job.suffix,
-            "seed": job.seed,
-            "metadata": {**(job.job_metadata or {}), TAG: job.id},
-        }
-        training_file, validation_file = job.training_file, job.validation_file
-
-    provider = providers.get(provider_name)
+    lease = utcnow() + worker.settings.jobs.submit_lease
+    job = await _claim(worker, lease)
+    if job is None:
+        return False
+    provider = providers.get(job.provider)
+    known = dict(job.known)
     try:
         if provider is None:
-            raise _NotConfigured(provider_name)
-        missing = [i for i in file_ids if i not in files]
+            raise _NotConfigured(f"the provider '{job.provider}' is not configured on this worker")
+        missing = [i for i in job.file_ids if i not in job.files]
         if missing:
-            raise _FileGone(missing[0])
-        for file_id in file_ids:
+            raise _FileGone(f"file {missing[0]} was deleted before the job was submitted")
+        for file_id in job.file_ids:
             if file_id not in known:
-                known[file_id] = await _upload(worker, storage, provider, file_id, *files[file_id])
-        found = await provider.find_job_by_metadata(TAG, job_id)
+                sha256, filename = job.files[file_id]
+                known[file_id] = await _upload(worker, storage, provider, file_id, sha256, filename)
+        found = await provider.find_job_by_metadata(TAG, job.job_id)
         upstream = found or await provider.create_job(
-            model=str(request["model"]),
-            training_file=known[training_file],
-            validation_file=None if validation_file is None else known[validation_file],
-            method=request["method"],  # type: ignore[arg-type]
+            model=job.model,
+            training_file=known[job.training_file],
+            validation_file=None if job.validation_file is None else known[job.validation_file],
+            method=job.method,
             hyperparameters=None,
-            suffix=request["suffix"],  # type: ignore[arg-type]
-            seed=request["seed"],  # type: ignore[arg-type]
-            metadata=request["metadata"],  # type: ignore[arg-type]
-            idempotency_key=job_id,
+            suffix=job.suffix,
+            seed=job.seed,
+            metadata=job.metadata,
+            idempotency_key=job.job_id,
         )
-    except (ProviderError, _NotConfigured, _FileGone) as exc:
-        await _record_failure(worker, job_id, lease, attempts, exc)
+    except ProviderError as exc:
+        await _record_failure(worker, job.job_id, lease, job.attempts, exc)
         return True
-    await _record_submitted(worker, job_id, lease, upstream, adopted=found is not None)
+    await _record_submitted(worker, job.job_id, lease, upstream, adopted=found is not None)
     return True
 
 
-class _NotConfigured(Exception):
+class _NotConfigured(ProviderError):
+    """This worker has no such provider (its settings differ from the API's): retry later."""
+
     retryable = True
-    retry_after = 60.0
-    code = "provider_not_configured"
-    param = None
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"the provider '{name}' is not configured on this worker")
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="provider_not_configured", retry_after=60.0)
 
 
-class _FileGone(Exception):
-    retryable = False
-    retry_after = None
-    code = "invalid_file"
-    param = "training_file"
-
-    def __init__(self, file_id: str) -> None:
-        super().__init__(f"file {file_id} was deleted before the job was submitted")
+class _FileGone(ProviderError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_file", param="training_file")
 
 
 async def _upload(
@@ -143,9 +162,9 @@ async def _upload(
 
 
 async def _record_failure(
-    worker: WorkerContext, job_id: str, lease: datetime, attempts: int, exc: Exception
+    worker: WorkerContext, job_id: str, lease: datetime, attempts: int, exc: ProviderError
 ) -> None:
-    retryable = bool(getattr(exc, "retryable", False))
+    retryable = exc.retryable
     async with worker.database.sessionmaker() as session, session.begin():
         job = await SubmitQueue(session).get_leased(job_id, lease)
         if job is None:  # another worker took over, or the job was cancelled meanwhile
@@ -153,15 +172,15 @@ async def _record_failure(
         job.lease_until = None
         job.last_submit_error = str(exc)
         if retryable and attempts < worker.settings.jobs.max_submit_attempts:
-            job.next_attempt_at = utcnow() + backoff(attempts, getattr(exc, "retry_after", None))
+            job.next_attempt_at = utcnow() + backoff(attempts, exc.retry_after)
             log.warning(
                 "submission failed; will retry", job_id=job_id, attempt=attempts, error=str(exc)
             )
             return
         error = {
-            "code": getattr(exc, "code", None) or "provider_error",
-            "message": str(exc),
-            "param": getattr(exc, "param", None),
+            "code": exc.code or "provider_error",
+            "message": exc.message,
+            "param": exc.param,
         }
         log.warning("submission refused; job failed", job_id=job_id, error=error["code"])
         if not state.is_terminal(job.status):
