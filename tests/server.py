@@ -8,10 +8,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:
+    """Poll `check` until it answers something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.02)
 
 
 def tunegate_command() -> list[str]:

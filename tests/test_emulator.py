@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,11 +18,12 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from openai.types.fine_tuning import FineTuningJob
 
 from app.providers.emulator import FaultConfig, create_emulator_app
+from tests.emulator import Emulator, running_emulator
+from tests.server import wait_for
 
 SPEED = 50.0
 KEY = "sk-test"
@@ -32,17 +31,6 @@ SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai" / "openapi.yaml
 TERMINAL = {"succeeded", "failed", "cancelled"}
 PHASES = ["validating_files", "queued", "running", "succeeded"]
 T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.02)
 
 
 def chat_jsonl(count: int, *, assistant: bool = True) -> bytes:
@@ -58,51 +46,10 @@ def chat_jsonl(count: int, *, assistant: bool = True) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-@dataclass
-class Emulator:
-    base_url: str
-    http: httpx.Client
-
-    def faults(self, **faults: Any) -> dict[str, Any]:
-        response = self.http.post("/_emulator/faults", json=faults)
-        response.raise_for_status()
-        return dict(response.json())
-
-    def requests(self) -> dict[tuple[str, str], dict[str, int]]:
-        data = self.http.get("/_emulator/requests").json()["data"]
-        return {(row["method"], row["path"]): row["outcomes"] for row in data}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[Emulator]:
-    port = free_port()
-    config = uvicorn.Config(
-        create_emulator_app(speed=SPEED), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="openai-emulator", daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"})
-
-    def answers() -> bool:
-        assert thread.is_alive(), "the emulator thread died"
-        try:
-            return http.get("/_emulator/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(answers, timeout=15, what="the emulator to answer")
-    yield Emulator(base_url, http)
-    http.close()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_emulator(SPEED, KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

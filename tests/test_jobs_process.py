@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -13,21 +12,18 @@ import httpx
 import openai
 import pytest
 
-from tests.server import RunningServer, free_port, server_env, start_server, tunegate_command
+from tests.server import (
+    RunningServer,
+    free_port,
+    server_env,
+    start_server,
+    tunegate_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
 ADMIN_KEY = "tg-jobsflow01-0123456789abcdefghijklmnopqrstuvwxyzABCD"
-
-
-def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import httpx
 import httpx2
 import openai
 import pytest
-import uvicorn
 
 from app.config import Settings
 from app.providers.base import (
@@ -39,9 +35,9 @@ from app.providers.base import (
     ProviderTimeout,
     retry_after_seconds,
 )
-from app.providers.emulator import create_emulator_app
 from app.providers.openai import OpenAIProvider, translate_error
 from app.providers.registry import build_providers, close_providers
+from tests.emulator import Emulator, running_emulator
 
 SPEED = 100.0
 KEY = "sk-provider-test-0123456789abcdef"
@@ -72,46 +68,10 @@ def chat_jsonl(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
-class Emulator:
-    base_url: str
-    http: httpx.Client
-
-    def faults(self, **faults: Any) -> None:
-        self.http.post("/_emulator/faults", json=faults).raise_for_status()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[Emulator]:
-    port = free_port()
-    config = uvicorn.Config(
-        create_emulator_app(speed=SPEED), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="openai-emulator", daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=base_url)
-    deadline = time.monotonic() + 15
-    while True:
-        assert thread.is_alive(), "the emulator thread died"
-        try:
-            if http.get("/_emulator/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the emulator did not answer"
-        time.sleep(0.02)
-    yield Emulator(base_url, http)
-    http.close()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_emulator(SPEED, KEY) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

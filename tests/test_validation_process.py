@@ -3,14 +3,13 @@ is visible while they run, and a cancel stops a running validation."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server import RunningServer, start_server
+from tests.server import RunningServer, start_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +52,11 @@ def _upload(api: httpx.Client, path: Path) -> dict:
 
 
 def _wait(api: httpx.Client, url: str, done, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         body = api.get(url).json()
-        if done(body):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not reach the expected state: {body}")
+        return body if done(body) else None
+
+    return wait_for(reached, timeout, f"{url} to reach the expected state")
 
 
 def test_queued_report_is_finished_by_the_worker(api: httpx.Client, tmp_path: Path) -> None:
