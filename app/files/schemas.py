@@ -78,6 +78,13 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
+class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: JSONInt = Field(ge=3600, le=2592000)
+
+
 class UploadCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -90,13 +97,6 @@ class UploadCreate(BaseModel):
     )
     mime_type: str = Field(min_length=1, max_length=255)
     expires_after: ExpiresAfter | None = None
-
-
-class ExpiresAfter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    anchor: Literal["created_at"]
-    seconds: JSONInt = Field(ge=3600, le=2592000)
 
 
 class UploadComplete(BaseModel):
@@ -141,6 +141,3 @@ class UploadPartObject(BaseModel):
     object: Literal["upload.part"] = "upload.part"
     created_at: int
     upload_id: str
-
-
-UploadCreate.model_rebuild()
