@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,9 +23,10 @@ import pytest
 from fastapi.testclient import TestClient
 from openai.types.fine_tuning import FineTuningJob
 
+from app.kit.signing import new_secret, verify
 from app.providers.emulator import FaultConfig, create_emulator_app
 from tests.emulator import Emulator, running_emulator
-from tests.server import wait_for
+from tests.server import free_port, wait_for
 
 SPEED = 50.0
 KEY = "sk-test"
@@ -418,6 +421,300 @@ def test_speed_scales_the_clock_and_ten_examples_finish_within_a_minute(speed: f
         assert status_after(4.1) == "running"
         assert status_after(53.9) == "running"
         assert status_after(54.05) == "succeeded"
+
+
+# -- outage fault and outbound webhooks ------------------------------------------------------------
+
+
+def test_outage_fault_answers_503_to_everything_but_control_until_cleared(
+    client: openai.OpenAI, emulator: Emulator
+) -> None:
+    assert FaultConfig.from_cli(["outage"]) == FaultConfig(outage=True)
+    emulator.faults(outage=True, server_error=1)
+    for _ in range(3):  # down for as long as it is set, not for the next N requests
+        down = emulator.http.get("/v1/models")
+        assert down.status_code == 503
+        assert down.json() == {
+            "error": {
+                "message": "The server is temporarily unavailable.",
+                "type": "server_error",
+                "param": None,
+                "code": "service_unavailable",
+            }
+        }
+    assert httpx.get(f"{emulator.base_url}/v1/files").status_code == 503  # even before auth
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.fine_tuning.jobs.list()
+    assert refused.value.status_code == 503 and refused.value.code == "service_unavailable"
+    assert emulator.http.get("/_emulator/health").status_code == 200
+    assert emulator.requests()[("GET", "/v1/models")]["503"] >= 3
+
+    emulator.faults(outage=False)
+    with pytest.raises(openai.InternalServerError) as counted:  # counted faults were kept
+        client.models.list()
+    assert counted.value.status_code == 500
+    assert client.models.list().data
+    emulator.faults(outage=True)
+    emulator.http.delete("/_emulator/faults").raise_for_status()
+    assert client.fine_tuning.jobs.list() is not None
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+    def header(self, name: str) -> str | None:
+        return {k.lower(): v for k, v in self.headers.items()}.get(name)
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that keeps every POST and answers scripted statuses."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.statuses: list[int] = []
+        """Statuses to answer with, first to last; 200 once they run out."""
+        lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    receiver.deliveries.append(Delivery(dict(self.headers.items()), body))
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/openai"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def for_job(self, job_id: str) -> list[Delivery]:
+        return [d for d in list(self.deliveries) if d.event["data"]["id"] == job_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def receiver(request: pytest.FixtureRequest) -> Iterator[WebhookReceiver]:
+    running = WebhookReceiver()
+    yield running
+    if "emulator" in request.fixturenames:
+        request.getfixturevalue("emulator").http.delete("/_emulator/webhooks").raise_for_status()
+    running.close()
+
+
+def sent_for(emulator: Emulator, job_id: str) -> list[dict[str, Any]]:
+    sent = emulator.http.get("/_emulator/webhooks").json()["sent"]
+    return [entry for entry in sent if entry["job_id"] == job_id]
+
+
+ONE_EPOCH = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}
+LONG_RUN = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}}
+
+
+def test_a_job_that_succeeds_sends_one_signed_webhook(
+    client: openai.OpenAI, emulator: Emulator, training_file: str, receiver: WebhookReceiver
+) -> None:
+    secret = new_secret()
+    shown = emulator.http.post("/_emulator/webhooks", json={"url": receiver.url, "secret": secret})
+    assert shown.json() == {"url": receiver.url, "secret_set": True, "sent": shown.json()["sent"]}
+    assert secret.removeprefix("whsec_") not in emulator.http.get("/_emulator/webhooks").text
+
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini", training_file=training_file, method=ONE_EPOCH
+    )
+    (delivery,) = wait_for(lambda: receiver.for_job(job.id), what="the succeeded webhook")
+    assert verify(secret, delivery.headers, delivery.body) == delivery.header("webhook-id")
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded"
+    event = delivery.event
+    assert event == {
+        "object": "event",
+        "id": event["id"],
+        "type": "fine_tuning.job.succeeded",
+        "created_at": done.finished_at,
+        "data": {"id": job.id},
+    }
+    assert re.fullmatch(r"evt_[0-9a-f]{32}", event["id"])
+    assert delivery.header("content-type") == "application/json"
+    sdk = openai.OpenAI(api_key="x", webhook_secret=secret)
+    unwrapped = sdk.webhooks.unwrap(delivery.body, delivery.headers)
+    assert unwrapped.type == "fine_tuning.job.succeeded" and unwrapped.data.id == job.id
+
+    # Exactly once: a job started only now finishes ticks of the checking loop later, and by
+    # the time its event is delivered, this one has still been delivered only once.
+    later = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini", training_file=training_file, method=ONE_EPOCH
+    )
+    wait_for(lambda: receiver.for_job(later.id), what="the later webhook")
+    wait_for(lambda: sent_for(emulator, later.id), what="the later delivery to be recorded")
+    assert len(receiver.for_job(job.id)) == 1
+    (sent,) = wait_for(lambda: sent_for(emulator, job.id), what="the delivery to be recorded")
+    assert sent == {
+        "id": event["id"],
+        "webhook_id": delivery.header("webhook-id"),
+        "type": "fine_tuning.job.succeeded",
+        "job_id": job.id,
+        "status_code": 200,
+        "attempts": 1,
+    }
+
+
+def test_cancelled_and_failed_jobs_send_their_own_events(
+    client: openai.OpenAI, emulator: Emulator, training_file: str, receiver: WebhookReceiver
+) -> None:
+    secret = "a plain string secret"
+    emulator.http.post("/_emulator/webhooks", json={"url": receiver.url, "secret": secret})
+    running = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini", training_file=training_file, method=LONG_RUN
+    )
+    too_small = client.files.create(file=("small.jsonl", chat_jsonl(3)), purpose="fine-tune")
+    failing = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=too_small.id)
+    cancelled = client.fine_tuning.jobs.cancel(running.id)
+
+    (on_cancel,) = wait_for(lambda: receiver.for_job(running.id), what="the cancelled webhook")
+    assert on_cancel.event["type"] == "fine_tuning.job.cancelled"
+    assert on_cancel.event["created_at"] == cancelled.finished_at
+    verify(secret, on_cancel.headers, on_cancel.body)
+    (on_failure,) = wait_for(lambda: receiver.for_job(failing.id), what="the failed webhook")
+    assert on_failure.event["type"] == "fine_tuning.job.failed"
+    verify(secret, on_failure.headers, on_failure.body)
+    assert client.fine_tuning.jobs.retrieve(failing.id).status == "failed"
+    # noticed by the cancel call and not again by the loop, which has since seen the failure
+    assert len(receiver.for_job(running.id)) == 1
+
+
+def test_a_refused_webhook_is_retried_with_the_same_id_and_turned_off_by_delete(
+    client: openai.OpenAI, emulator: Emulator, training_file: str, receiver: WebhookReceiver
+) -> None:
+    secret = new_secret()
+    receiver.statuses = [500, 503]
+    emulator.http.post("/_emulator/webhooks", json={"url": receiver.url, "secret": secret})
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini", training_file=training_file, method=LONG_RUN
+    )
+    client.fine_tuning.jobs.cancel(job.id)
+    tries = wait_for(lambda: len(receiver.for_job(job.id)) == 3 and receiver.for_job(job.id))
+    assert len({d.header("webhook-id") for d in tries}) == 1
+    assert len({d.event["id"] for d in tries}) == 1
+    for delivery in tries:
+        verify(secret, delivery.headers, delivery.body)
+    (sent,) = wait_for(lambda: sent_for(emulator, job.id), what="the delivery to be recorded")
+    assert (sent["status_code"], sent["attempts"]) == (200, 3)
+
+    off = emulator.http.delete("/_emulator/webhooks").json()
+    assert off["url"] is None and off["secret_set"] is False
+    quiet = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini", training_file=training_file, method=LONG_RUN
+    )
+    client.fine_tuning.jobs.cancel(quiet.id)
+    # Marker: a job cancelled after webhooks come back on is announced; the quiet one never is.
+    emulator.http.post("/_emulator/webhooks", json={"url": receiver.url})
+    marker = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini", training_file=training_file, method=LONG_RUN
+    )
+    client.fine_tuning.jobs.cancel(marker.id)
+    (unsigned,) = wait_for(lambda: receiver.for_job(marker.id), what="the marker webhook")
+    assert unsigned.header("webhook-signature") is None
+    assert unsigned.header("webhook-id") and unsigned.header("webhook-timestamp")
+    assert receiver.for_job(quiet.id) == []
+
+
+def test_a_webhook_nobody_receives_is_dropped_after_a_few_tries_and_logged(
+    client: openai.OpenAI,
+    emulator: Emulator,
+    training_file: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}/hooks"
+    emulator.http.post("/_emulator/webhooks", json={"url": nobody, "secret": new_secret()})
+    try:
+        job = client.fine_tuning.jobs.create(
+            model="gpt-4o-mini", training_file=training_file, method=LONG_RUN
+        )
+        client.fine_tuning.jobs.cancel(job.id)
+        (sent,) = wait_for(lambda: sent_for(emulator, job.id), what="the delivery to give up")
+    finally:
+        emulator.http.delete("/_emulator/webhooks").raise_for_status()
+    assert sent["attempts"] == 4 and "status_code" not in sent
+    assert sent["error"].startswith("ConnectError")
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert any(sent["id"] in message for message in dropped)
+
+
+def test_webhook_settings_are_checked_and_never_show_the_secret(emulator: Emulator) -> None:
+    post = emulator.http.post
+    refused = {
+        "ftp://example.test/hook": "url",
+        "not a url": "url",
+    }
+    for url, param in refused.items():
+        answer = post("/_emulator/webhooks", json={"url": url})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+    bad_secret = post(
+        "/_emulator/webhooks", json={"url": "http://127.0.0.1:9/x", "secret": "whsec_%%secret%%"}
+    )
+    assert bad_secret.status_code == 400 and bad_secret.json()["error"]["param"] == "secret"
+    assert "%%secret%%" not in bad_secret.text
+    missing = post("/_emulator/webhooks", json={"secret": "x"})
+    assert missing.json()["error"]["code"] == "missing_required_parameter"
+    unknown = post("/_emulator/webhooks", json={"url": "http://127.0.0.1:9/x", "events": []})
+    assert unknown.json()["error"]["param"] == "events"
+    assert emulator.http.get("/_emulator/webhooks").json()["url"] is None
+
+    with pytest.raises(ValueError, match="http or https"):
+        create_emulator_app(webhook_url="file:///tmp/hook")
+    with pytest.raises(ValueError, match="needs a webhook URL"):
+        create_emulator_app(webhook_secret=new_secret())
+
+
+def test_webhooks_configured_when_the_app_is_created(receiver: WebhookReceiver) -> None:
+    secret = new_secret()
+    app = create_emulator_app(speed=1000, webhook_url=receiver.url, webhook_secret=secret)
+    with TestClient(app, headers={"Authorization": "Bearer x"}) as http:
+        shown = http.get("/_emulator/webhooks").json()
+        assert shown == {"url": receiver.url, "secret_set": True, "sent": []}
+        upload = http.post(
+            "/v1/files", files={"file": ("t.jsonl", chat_jsonl(10))}, data={"purpose": "fine-tune"}
+        ).json()
+        body = {"model": "gpt-4o-mini", "training_file": upload["id"], "method": ONE_EPOCH}
+        job = http.post("/v1/fine_tuning/jobs", json=body).json()
+        (delivery,) = wait_for(lambda: receiver.for_job(job["id"]), what="the webhook")
+    assert delivery.event["type"] == "fine_tuning.job.succeeded"
+    assert verify(secret, delivery.headers, delivery.body).startswith("wh_")
+
+
+def test_the_cli_command_refuses_bad_webhook_options() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from app.providers.emulator.cli import emulator as emulator_command
+
+    command = typer.Typer()
+    command.command()(emulator_command)
+    runner = CliRunner()
+    bad_url = runner.invoke(command, ["--webhook-url", "localhost:9000"])
+    assert bad_url.exit_code == 2 and "--webhook-url" in bad_url.output
+    bad_secret = runner.invoke(
+        command, ["--webhook-url", "http://127.0.0.1:9/x", "--webhook-secret", "whsec_@@@"]
+    )
+    assert bad_secret.exit_code == 2 and "--webhook-secret" in bad_secret.output
+    assert runner.invoke(command, ["--webhook-secret", new_secret()]).exit_code == 2
 
 
 # -- conformance with OpenAI's published schemas -------------------------------------------------

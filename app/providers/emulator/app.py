@@ -3,13 +3,14 @@
 Faults and request counting sit in `EmulatorApp.__call__`, in front of everything else, so a
 faulted request never reaches a handler and a dropped connection can close the socket before a
 single byte is written. Control endpoints under `/_emulator` are neither faulted, counted nor
-authenticated.
+authenticated. The app's lifespan runs the webhook sender (see `webhooks`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -24,7 +25,9 @@ from app.providers.emulator.errors import (
     bad_request,
     error_body,
     invalid_url,
+    missing_parameter,
     server_error,
+    service_unavailable,
     unauthorized,
 )
 from app.providers.emulator.faults import Fault, FaultConfig, fault_error
@@ -34,23 +37,35 @@ from app.providers.emulator.routes_files import files_router
 from app.providers.emulator.routes_jobs import jobs_router
 from app.providers.emulator.routes_models import models_router
 from app.providers.emulator.state import EmulatorState
+from app.providers.emulator.webhooks import InvalidWebhookTarget, WebhookSender, WebhookTarget
 
 DROP_WAIT_SECONDS = 5.0
+CONTROL_PREFIX = "/_emulator"
 
 
 class EmulatorApp(FastAPI):
     """FastAPI plus the fault injector and request counter in front of it."""
 
     emulator: EmulatorState
+    webhook_sender: WebhookSender
     api_routes: list[BaseRoute]
     """The `/v1` routes, to name a request by its path template even when it is faulted."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or _is_control(scope["path"]):
             await super().__call__(scope, receive, send)
             return
         state = self.emulator
         method, template = scope["method"], self._template(scope)
+        if state.faults.outage():
+            # Down for everything but the control endpoints, and without using up counted
+            # faults: they still apply once the outage is over.
+            state.count_request(method, template, "503")
+            await service_unavailable().response()(scope, receive, send)
+            return
+        if not scope["path"].startswith("/v1"):
+            await super().__call__(scope, receive, send)
+            return
         fault = state.faults.take()
         if fault is Fault.drop_connection:
             state.count_request(method, template, "dropped")
@@ -87,6 +102,10 @@ class EmulatorApp(FastAPI):
         return partial or str(scope["path"])
 
 
+def _is_control(path: str) -> bool:
+    return path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/")
+
+
 async def _drop_connection(receive: Receive, send: Send) -> None:
     """Close the client's connection without answering.
 
@@ -115,8 +134,8 @@ def _require_key(request: Request) -> None:
         raise unauthorized()
 
 
-def _control_router(state: EmulatorState) -> APIRouter:
-    router = APIRouter(prefix="/_emulator")
+def _control_router(state: EmulatorState, webhooks: WebhookSender) -> APIRouter:
+    router = APIRouter(prefix=CONTROL_PREFIX)
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
@@ -143,7 +162,39 @@ def _control_router(state: EmulatorState) -> APIRouter:
         state.requests.clear()
         return state.requests_json()
 
+    @router.get("/webhooks")
+    async def get_webhooks() -> dict[str, Any]:
+        return webhooks.as_json()
+
+    @router.post("/webhooks")
+    async def set_webhooks(request: Request) -> dict[str, Any]:
+        body = await json_object(request)
+        for name in body:
+            if name not in {"url", "secret"}:
+                raise bad_request(
+                    f"Unknown parameter '{name}'.", param=name, code="unknown_parameter"
+                )
+        if body.get("url") is None:
+            raise missing_parameter("url")
+        try:
+            webhooks.target = WebhookTarget.parse(body["url"], body.get("secret"))
+        except InvalidWebhookTarget as exc:
+            raise bad_request(str(exc), param=exc.param) from None
+        return webhooks.as_json()
+
+    @router.delete("/webhooks")
+    async def clear_webhooks() -> dict[str, Any]:
+        webhooks.target = None
+        return webhooks.as_json()
+
     return router
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    assert isinstance(app, EmulatorApp)
+    async with app.webhook_sender.running():
+        yield
 
 
 async def _emulator_error(request: Request, exc: Exception) -> JSONResponse:
@@ -171,25 +222,40 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_emulator_app(
-    speed: float = 1.0, org: str = "org-emulator", faults: FaultConfig | None = None
+    speed: float = 1.0,
+    org: str = "org-emulator",
+    faults: FaultConfig | None = None,
+    *,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
 ) -> FastAPI:
-    """An in-memory OpenAI look-alike; `speed` 10 runs jobs ten times faster than speed 1."""
+    """An in-memory OpenAI look-alike; `speed` 10 runs jobs ten times faster than speed 1.
+
+    With `webhook_url`, finished jobs are announced there, signed with `webhook_secret` when
+    given (`whsec_<base64>` or a plain string). Raises ValueError for a bad URL or secret.
+    """
     state = EmulatorState.create(speed, org, faults)
+    if webhook_url is None and webhook_secret is not None:
+        raise InvalidWebhookTarget("a webhook secret needs a webhook URL", "secret")
+    target = None if webhook_url is None else WebhookTarget.parse(webhook_url, webhook_secret)
     app = EmulatorApp(
         title="tunegate OpenAI emulator",
         version="1",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        lifespan=_lifespan,
     )
     app.emulator = state
     app.state.emulator = state
+    app.webhook_sender = WebhookSender(state, target)
+    app.state.webhook_sender = app.webhook_sender
     authenticated = [Depends(_require_key)]
     routers = [files_router(state), jobs_router(state), models_router(state), chat_router(state)]
     app.api_routes = [route for router in routers for route in router.routes]
     for router in routers:
         app.include_router(router, dependencies=authenticated)
-    app.include_router(_control_router(state))
+    app.include_router(_control_router(state, app.webhook_sender))
     app.add_exception_handler(EmulatorError, _emulator_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

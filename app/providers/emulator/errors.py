@@ -122,6 +122,15 @@ def server_error() -> EmulatorError:
     )
 
 
+def service_unavailable() -> EmulatorError:
+    return EmulatorError(
+        503,
+        "The server is temporarily unavailable.",
+        type="server_error",
+        code="service_unavailable",
+    )
+
+
 def training_not_available() -> EmulatorError:
     return EmulatorError(
         403,

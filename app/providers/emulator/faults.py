@@ -2,7 +2,8 @@
 
 Counted faults (`rate_limit`, `server_error`, `drop_connection`) hit the next N requests and
 then stop; `slow_seconds` delays every request until cleared; `training_not_available` makes
-every job creation answer 403 until cleared. They are set at start (`--fault NAME[=VALUE]`) or
+every job creation answer 403 until cleared; `outage` makes every API request answer 503 until
+cleared (a provider that is down for minutes). They are set at start (`--fault NAME[=VALUE]`) or
 at run time with `POST /_emulator/faults` and cleared with `DELETE /_emulator/faults`.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 from app.providers.emulator.errors import EmulatorError, bad_request, rate_limited, server_error
 
 DEFAULT_SLOW_SECONDS = 2.0
+SWITCHES = frozenset({"training_not_available", "outage"})
+"""Faults that are on or off (booleans) rather than counted."""
 
 
 @dataclass
@@ -27,6 +30,7 @@ class FaultConfig:
     slow_seconds: float = 0.0
     drop_connection: int = 0
     training_not_available: bool = False
+    outage: bool = False
 
     @classmethod
     def from_cli(cls, specs: list[str]) -> FaultConfig:
@@ -41,12 +45,13 @@ class FaultConfig:
             if name not in known:
                 raise ValueError(
                     f"unknown fault {spec!r}; choose from rate_limit=N, server_error=N, "
-                    "drop_connection=N, slow=SECONDS, training_not_available"
+                    "drop_connection=N, slow=SECONDS, training_not_available, outage"
                 )
-            default: Any = {
-                "slow_seconds": DEFAULT_SLOW_SECONDS,
-                "training_not_available": True,
-            }.get(name, 1)
+            default: Any = 1  # a counted fault: the next request
+            if name in SWITCHES:
+                default = True
+            elif name == "slow_seconds":
+                default = DEFAULT_SLOW_SECONDS
             config.update({name: _parse_cli_value(value, default) if value else default})
         return config
 
@@ -56,10 +61,10 @@ class FaultConfig:
         for name, value in changes.items():
             if name not in known:
                 raise bad_request(f"Unknown fault '{name}'.", param=name, code="unknown_parameter")
-            if name == "training_not_available":
+            if name in SWITCHES:
                 if not isinstance(value, bool):
                     raise bad_request(f"'{name}' must be a boolean.", param=name)
-                self.training_not_available = value
+                setattr(self, name, value)
             elif name == "slow_seconds":
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                     raise bad_request(f"'{name}' must be a number >= 0.", param=name)
@@ -129,6 +134,10 @@ class FaultState:
     def training_not_available(self) -> bool:
         with self._lock:
             return self._config.training_not_available
+
+    def outage(self) -> bool:
+        with self._lock:
+            return self._config.outage
 
 
 def fault_error(fault: Fault) -> EmulatorError | None:

@@ -80,6 +80,7 @@ def jobs_router(state: EmulatorState) -> APIRouter:
         if job.clock.paused:
             job.clock.pauses[-1].ended = now
         job.clock.stopped = now
+        state.status_changed()
         return job_json(job, now, organization)
 
     @router.post("/{fine_tuning_job_id}/pause")

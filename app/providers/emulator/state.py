@@ -112,6 +112,8 @@ class EmulatorState:
     models: dict[str, FineTunedModel] = field(default_factory=dict)
     deleted_models: set[str] = field(default_factory=set)
     requests: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
+    status_listeners: list[Callable[[], None]] = field(default_factory=list)
+    """Told when a call (not the clock) ends a job, so a cancel is announced at once."""
 
     @classmethod
     def create(cls, speed: float, organization: str, faults: FaultConfig | None) -> EmulatorState:
@@ -133,6 +135,10 @@ class EmulatorState:
             for (method, path), c in sorted(self.requests.items())
         ]
         return {"object": "list", "data": data, "total": sum(d["count"] for d in data)}
+
+    def status_changed(self) -> None:
+        for listener in self.status_listeners:
+            listener()
 
     def tick(self) -> float:
         """The current time, with every job's finishing touches applied up to it."""
