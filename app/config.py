@@ -130,8 +130,25 @@ class JobsSettings(BaseModel):
     # Retries of a submission that fails for a passing reason (timeouts, 429, 5xx) before the job
     # is failed; backoff doubles from 2 s up to 5 min, Retry-After honoured.
     max_submit_attempts: int = Field(default=20, ge=1, le=1000)
-    # How often an idle submitter looks for jobs to submit.
+    # How often an idle submitter or syncer looks for work.
     poll_interval: timedelta = timedelta(seconds=1)
+    # Syncer: how often an unfinished job is checked at its provider, by status (jitter +-10 %).
+    sync_interval_running: timedelta = timedelta(seconds=10)
+    sync_interval_queued: timedelta = timedelta(seconds=30)
+    sync_interval_paused: timedelta = timedelta(minutes=2)
+    # How long a syncer owns a claimed job; another replica takes over after it expires.
+    sync_lease: timedelta = timedelta(seconds=60)
+    # Jobs one syncer process checks at the same time.
+    sync_concurrency: int = Field(default=16, ge=1, le=256)
+    # Backoff after a failed sync doubles from 5 s up to this (Retry-After honoured).
+    sync_max_backoff: timedelta = timedelta(minutes=10)
+    # Requests per second to one provider, shared by every replica (a token bucket in the
+    # database). A sync costs 2-3 requests.
+    provider_requests_per_second: float = Field(default=20.0, gt=0)
+    # Consecutive "job not found" answers from the provider before the job is failed.
+    sync_not_found_limit: int = Field(default=3, ge=1)
+    # Warn at job creation when the base model shuts down within this many days.
+    shutdown_warning_days: int = Field(default=90, ge=0)
 
 
 class OpenAISettings(BaseModel):
@@ -187,6 +204,12 @@ class Settings(BaseSettings):
     openai_project: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OPENAI_PROJECT_ID", "TUNEGATE_OPENAI__PROJECT"),
+    )
+
+    # Secret of OpenAI's webhooks to /v1/provider_webhooks/openai (the SDK's own variable).
+    openai_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_WEBHOOK_SECRET", "TUNEGATE_OPENAI__WEBHOOK_SECRET"),
     )
 
     @property

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from app import __version__
 from app.auth import service as auth_service
@@ -19,20 +19,20 @@ from app.config import Settings, get_settings
 from app.db.embedded import stop_embedded_postgres
 from app.db.engine import Database, create_engine, resolve_database_url
 from app.db.migrate import is_at_head
-from app.files import tasks as files_tasks  # noqa: F401 - registers the maintenance role
 from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
-from app.jobs import tasks as jobs_tasks  # noqa: F401 - registers the submitter role
 from app.jobs.endpoints import router as jobs_router
+from app.jobs.provider_webhooks import router as provider_webhooks_router
 from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_error_handlers
 from app.kit.logging import get_logger
 from app.kit.metrics import HTTPMetrics
 from app.projects.endpoints import router as projects_router
 from app.providers.base import Provider
 from app.providers.registry import build_providers, close_providers
-from app.validation import tasks as validation_tasks  # noqa: F401 - registers the validator role
+from app.registry.endpoints import router as models_router
 from app.validation.endpoints import router as validation_router
+from app.workers import roles as worker_roles  # noqa: F401 - registers every role
 from app.workers.runner import ROLES, WorkerContext, WorkerRunner
 
 log = get_logger("tunegate.app")
@@ -77,7 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await _bootstrap(app)
         if app.state.run_workers:
-            runner = WorkerRunner(WorkerContext(settings, app.state.database), list(ROLES))
+            context = WorkerContext(settings, app.state.database, app.state.metrics_registry)
+            runner = WorkerRunner(context, list(ROLES))
             runner.start()
         yield
     finally:
@@ -118,6 +119,12 @@ def create_app(
     app.state.providers = providers
     app.state.run_workers = run_workers
     app.state.metrics_registry = CollectorRegistry()
+    app.state.job_gauge = Gauge(
+        "tunegate_jobs",
+        "Fine-tuning jobs by status (all projects), read at scrape time.",
+        ["status"],
+        registry=app.state.metrics_registry,
+    )
     app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
 
     install_error_handlers(app)
@@ -133,6 +140,8 @@ def create_app(
     app.include_router(uploads_router)
     app.include_router(validation_router)
     app.include_router(jobs_router)
+    app.include_router(provider_webhooks_router)
+    app.include_router(models_router)
     return app
 
 

@@ -109,7 +109,7 @@ async def create_file(
     project_id: str,
     spool: Spool,
     filename: str,
-    purpose: Purpose,
+    purpose: Purpose | str,
     expires_at: datetime | None = None,
 ) -> File:
     spool.close()
@@ -125,7 +125,7 @@ async def create_file(
     await store_content(context, spool)
     row = File(
         id=new_id("file-"),
-        purpose=purpose.value,
+        purpose=str(purpose),
         filename=filename,
         bytes=size,
         sha256=sha256,
@@ -138,6 +138,26 @@ async def create_file(
     FileRepository(session, project_id).add(row)
     await session.flush()
     return row
+
+
+async def file_from_bytes(
+    session: AsyncSession,
+    context: FilesContext,
+    project_id: str,
+    filename: str,
+    content: bytes,
+    purpose: str,
+) -> File:
+    """A file tunegate itself makes (a job's result file): stored like an upload."""
+    spool = context.storage.spool(max(1, len(content)))
+    try:
+        spool.write(content)
+    except BaseException:
+        spool.discard()
+        raise
+    return await create_file(
+        session, context, project_id, spool, sanitize_filename(filename), purpose
+    )
 
 
 async def upload_form_to_file(

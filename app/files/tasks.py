@@ -7,7 +7,7 @@ which) runs a round:
 - Files past their `expires_after` are deleted;
 - blobs no File references and not seen for `TUNEGATE_FILES__BLOB_GC_GRACE` are removed;
 - spool files left by processes that died mid-upload are removed;
-- Idempotency-Keys older than 24 hours are forgotten.
+- Idempotency-Keys and inbound provider webhook ids older than 24 hours are forgotten.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from app.files.repository import BlobRepository, MaintenanceRepository
 from app.files.storage import BlobStorage
+from app.jobs.provider_webhooks import purge_receipts
 from app.kit import idempotency
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
@@ -35,6 +36,7 @@ BATCH = 100
 @dataclass
 class RoundReport:
     idempotency_keys_purged: int = 0
+    webhook_receipts_purged: int = 0
     uploads_expired: int = 0
     uploads_purged: int = 0
     files_expired: int = 0
@@ -69,6 +71,7 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
         report.uploads_expired = await MaintenanceRepository(session).expire_uploads(now)
         report.files_expired = await MaintenanceRepository(session).delete_expired_files(now, BATCH)
         report.idempotency_keys_purged = await idempotency.purge_expired(session)
+        report.webhook_receipts_purged = await purge_receipts(session)
 
     async with sessionmaker() as session:
         finished = await MaintenanceRepository(session).finished_uploads_to_purge(BATCH)
@@ -113,6 +116,7 @@ async def maintenance_loop(context: WorkerContext, stop: asyncio.Event) -> None:
             if report is not None and any(
                 (
                     report.idempotency_keys_purged,
+                    report.webhook_receipts_purged,
                     report.uploads_expired,
                     report.uploads_purged,
                     report.files_expired,

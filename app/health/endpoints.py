@@ -8,6 +8,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
 from app.db.engine import Database
@@ -15,6 +17,8 @@ from app.db.migrate import is_at_head
 from app.kit.errors import ServiceUnavailable
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.logging import get_logger
+from app.models import Job
+from app.models.job import JOB_STATUSES
 
 log = get_logger("tunegate.health")
 router = APIRouter(tags=["health"], route_class=JSONRoute)
@@ -58,7 +62,18 @@ async def readyz(request: Request) -> Readiness:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format. Job counts by status are read from the database at scrape time,
+    so they are right whichever process runs the workers."""
+    gauge = request.app.state.job_gauge
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
+            async with request.app.state.database.sessionmaker() as session:
+                rows = await session.execute(select(Job.status, func.count()).group_by(Job.status))
+                counts = dict(rows.tuples().all())
+        for status in JOB_STATUSES:
+            gauge.labels(status).set(counts.get(status, 0))
+    except (TimeoutError, SQLAlchemyError, OSError):
+        log.warning("job counts unavailable for /metrics")
     return Response(
         generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST
     )

@@ -5,20 +5,29 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from sqlalchemy import select
 from starlette.responses import Response
 
 from app.auth.dependencies import ReadPrincipal, WritePrincipal
 from app.db.session import SessionDep
 from app.jobs import service
+from app.jobs.chart import loss_chart_svg
 from app.jobs.repository import JobCheckpointRepository, JobEventRepository, JobRepository
-from app.jobs.schemas import JobCheckpointObject, JobCreate, JobEventObject, JobObject
+from app.jobs.schemas import (
+    JobCheckpointObject,
+    JobCreate,
+    JobEventObject,
+    JobMetricsObject,
+    JobMetricsPoint,
+    JobObject,
+)
 from app.jobs.service import JobsContext
 from app.kit import idempotency
 from app.kit.errors import InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import ListPage, Order, PageParams, to_page
 from app.kit.time import to_unix
-from app.models import Job, JobCheckpoint, JobEvent
+from app.models import Job, JobCheckpoint, JobEvent, JobMetric
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs",
@@ -177,3 +186,52 @@ async def list_fine_tuning_checkpoints(
         for row in rows
     ]
     return to_page(items, has_more, lambda c: c.id)
+
+
+@router.post("/{fine_tuning_job_id}/sync", response_model=JobObject)
+async def sync_fine_tuning_job(
+    fine_tuning_job_id: JobId, principal: WritePrincipal, session: SessionDep
+) -> JobObject:
+    """Ask for the job to be synced with its provider now (tunegate extension). The answer is
+    the job as stored; the sync follows within a second or two."""
+    return JobObject.of(
+        await service.request_sync(session, principal.project_id, fine_tuning_job_id)
+    )
+
+
+async def _metric_points(
+    session: SessionDep, project_id: str, job_id: str
+) -> list[JobMetricsPoint]:
+    await service.get_job(session, project_id, job_id)
+    rows = await session.execute(
+        select(JobMetric.step, JobMetric.values)
+        .where(JobMetric.job_id == job_id)
+        .order_by(JobMetric.step)
+    )
+    return [JobMetricsPoint(step=step, **values) for step, values in rows]
+
+
+@router.get("/{fine_tuning_job_id}/metrics", response_model=JobMetricsObject)
+async def get_fine_tuning_job_metrics(
+    fine_tuning_job_id: JobId, principal: ReadPrincipal, session: SessionDep
+) -> JobMetricsObject:
+    """Per-step metrics (tunegate extension): `train_loss`, `train_mean_token_accuracy`,
+    `valid_loss`, `valid_mean_token_accuracy`, `full_valid_*` as the provider reports them."""
+    points = await _metric_points(session, principal.project_id, fine_tuning_job_id)
+    return JobMetricsObject(fine_tuning_job_id=fine_tuning_job_id, data=points)
+
+
+@router.get(
+    "/{fine_tuning_job_id}/metrics.svg",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}, "description": "The loss chart."}},
+)
+async def get_fine_tuning_job_metrics_chart(
+    fine_tuning_job_id: JobId, principal: ReadPrincipal, session: SessionDep
+) -> Response:
+    """The training and validation loss curves as an SVG chart (tunegate extension)."""
+    job = await service.get_job(session, principal.project_id, fine_tuning_job_id)
+    points = await _metric_points(session, principal.project_id, fine_tuning_job_id)
+    title = f"{job.id} · {job.fine_tuned_model or job.model} · {job.status}"
+    svg = loss_chart_svg([point.model_dump() for point in points], title=title)
+    return Response(svg, media_type="image/svg+xml")

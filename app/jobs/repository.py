@@ -68,3 +68,66 @@ class SubmitQueue(Repository[Job]):
             select(Job).where(Job.id == job_id, Job.lease_until == lease_until).with_for_update()
         )
         return found
+
+
+class SyncQueue(Repository[Job]):
+    """The syncer's view: submitted, unfinished jobs of every project, by due time."""
+
+    model = Job
+
+    async def claim(
+        self, provider: str, now: datetime, lease_until: datetime, limit: int
+    ) -> Sequence[Job]:
+        claimed = (
+            await self.session.scalars(
+                select(Job)
+                .where(
+                    Job.provider == provider,
+                    Job.sync_due_at <= now,
+                    Job.provider_job_id.is_not(None),
+                    Job.status.in_(ACTIVE),
+                    (Job.sync_lease_until.is_(None)) | (Job.sync_lease_until < now),
+                )
+                .order_by(Job.sync_due_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        for job in claimed:
+            job.sync_lease_until = lease_until
+        await self.session.flush()
+        return claimed
+
+    async def get_leased(self, job_id: str, lease_until: datetime) -> Job | None:
+        """The job, locked, only while the lease we took is still ours."""
+        found: Job | None = await self.session.scalar(
+            select(Job)
+            .where(Job.id == job_id, Job.sync_lease_until == lease_until)
+            .with_for_update()
+        )
+        return found
+
+    async def request_sync(self, provider: str, provider_job_id: str, now: datetime) -> str | None:
+        """Make the job with this provider id due now (an inbound webhook); its id, or None."""
+        job: Job | None = await self.session.scalar(
+            select(Job)
+            .where(
+                Job.provider == provider,
+                Job.provider_job_id == provider_job_id,
+                Job.status.in_(ACTIVE),
+            )
+            .with_for_update()
+        )
+        if job is None:
+            return None
+        schedule_now(job, now)
+        await self.session.flush()
+        return job.id
+
+
+def schedule_now(job: Job, now: datetime) -> None:
+    """Ask for a sync as soon as possible. A sync already running when this is asked runs
+    once more after it (it sees `sync_requested_at` newer than its claim)."""
+    job.sync_requested_at = now
+    if job.sync_due_at is None or job.sync_due_at > now:
+        job.sync_due_at = now

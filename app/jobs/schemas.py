@@ -87,6 +87,18 @@ class JobError(BaseModel):
     message: str
     param: str | None = None
 
+    @classmethod
+    def of(cls, stored: dict[str, Any] | None) -> JobError | None:
+        """The stored error (ours, or a provider's, which may lack fields) in OpenAI's shape."""
+        if not stored:
+            return None
+        param = stored.get("param")
+        return cls(
+            code=str(stored.get("code") or "provider_error"),
+            message=str(stored.get("message") or "The job failed at its provider."),
+            param=param if isinstance(param, str) else None,
+        )
+
 
 class JobObject(BaseModel):
     id: str
@@ -119,7 +131,7 @@ class JobObject(BaseModel):
         return cls(
             id=row.id,
             created_at=to_unix(row.created_at) or 0,
-            error=None if row.error is None else JobError(**row.error),
+            error=JobError.of(row.error),
             fine_tuned_model=row.fine_tuned_model,
             finished_at=to_unix(row.finished_at),
             hyperparameters=row.hyperparameters,
@@ -158,3 +170,18 @@ class JobCheckpointObject(BaseModel):
     fine_tuning_job_id: str
     metrics: dict[str, Any]
     step_number: int
+
+
+class JobMetricsPoint(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+
+
+class JobMetricsObject(BaseModel):
+    """Per-step training metrics of a job (tunegate extension): train/valid loss and accuracy
+    as the provider reported them, one point per step, oldest first."""
+
+    object: Literal["fine_tuning.job.metrics"] = "fine_tuning.job.metrics"
+    fine_tuning_job_id: str
+    data: list[JobMetricsPoint]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -18,13 +19,14 @@ from app.config import Settings
 from app.files import service as files
 from app.files.storage import BlobStorage
 from app.jobs import state
-from app.jobs.repository import JobRepository
+from app.jobs.repository import JobRepository, schedule_now
 from app.jobs.schemas import JobCreate
 from app.kit.errors import APIError, BadRequest, Conflict, InvalidPayload, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Job, JobEvent, Project
 from app.providers.base import Provider, ProviderError
+from app.registry import service as registry
 from app.validation import service as validations
 from app.validation.cost import epochs_for, price_for
 from app.validation.schemas import Hyperparameters
@@ -193,6 +195,23 @@ async def create_job(
             created_at=now,
         )
     )
+    shutdown = await registry.shutdown_within(
+        session, provider.name, body.model, context.settings.jobs.shutdown_warning_days, now.date()
+    )
+    if shutdown is not None:
+        session.add(
+            JobEvent(
+                id=new_id("ftevent-"),
+                job_id=job.id,
+                project_id=project_id,
+                level="warn",
+                message=f"The base model {body.model} shuts down at {provider.name} on "
+                f"{shutdown}; plan a move to a newer model.",
+                type="message",
+                data={"shutdown_date": shutdown},
+                created_at=now + timedelta(microseconds=1),
+            )
+        )
     await session.flush()
     return job
 
@@ -273,6 +292,7 @@ async def cancel_job(
         raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
     if not state.is_terminal(locked.status):
         await state.transition(session, locked, "cancelled")
+    locked.sync_due_at = None
     return locked
 
 
@@ -299,7 +319,18 @@ async def pause_or_resume(
         raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
     if state.can_transition(locked.status, wanted):
         await state.transition(session, locked, wanted)
+    schedule_now(locked, utcnow())  # the provider's own events for the change follow
     return locked
+
+
+async def request_sync(session: AsyncSession, project_id: str, job_id: str) -> Job:
+    """Make an unfinished, submitted job due for a sync now (`POST …/sync`)."""
+    job = await JobRepository(session, project_id).get_for_update(job_id)
+    if job is None:
+        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    if not state.is_terminal(job.status) and job.provider_job_id is not None:
+        schedule_now(job, utcnow())
+    return job
 
 
 async def ensure_not_in_use(session: AsyncSession, project_id: str, file_id: str) -> None:

@@ -200,6 +200,7 @@ async def _record_submitted(
         job.submitted_at = utcnow()
         job.lease_until = None
         job.last_submit_error = None
+        job.sync_due_at = utcnow()  # the syncer follows it from now on
         log.info("job submitted", job_id=job_id, provider_job_id=upstream.id, adopted=adopted)
         if upstream.status != job.status and state.can_transition(job.status, upstream.status):
             await state.transition(session, job, upstream.status, error=upstream.error)

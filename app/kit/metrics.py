@@ -20,3 +20,35 @@ class HTTPMetrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+
+
+class SyncMetrics:
+    """The job syncer: syncs and provider calls by outcome, and how late changes arrive."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.syncs = Counter(
+            "tunegate_job_syncs",
+            "Job syncs by provider and outcome (ok, changed, error).",
+            ["provider", "outcome"],
+            registry=registry,
+        )
+        self.provider_calls = Counter(
+            "tunegate_provider_calls",
+            "Calls to a provider by operation and outcome (ok or the error class).",
+            ["provider", "operation", "outcome"],
+            registry=registry,
+        )
+        self.lag = Histogram(
+            "tunegate_job_sync_lag_seconds",
+            "Time from a status change at the provider to its arrival in tunegate.",
+            ["provider"],
+            registry=registry,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+        )
+        self.duration = Histogram(
+            "tunegate_job_sync_duration_seconds",
+            "Time one job sync takes, provider calls and database writes together.",
+            ["provider"],
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )

@@ -4,7 +4,16 @@ from app.models.api_key import ApiKey, Scope
 from app.models.blob import Blob
 from app.models.file import File
 from app.models.idempotency_key import IdempotencyKey
-from app.models.job import Job, JobCheckpoint, JobEvent, ProviderFile
+from app.models.job import (
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    JobMetric,
+    ProviderFile,
+    ProviderRateBudget,
+    ProviderWebhookReceipt,
+)
+from app.models.model import FineTunedModel, ProviderBaseModel
 from app.models.project import Project
 from app.models.upload import Upload, UploadPart
 from app.models.validation_report import ValidationReport
@@ -13,12 +22,17 @@ __all__ = [
     "ApiKey",
     "Blob",
     "File",
+    "FineTunedModel",
     "IdempotencyKey",
     "Job",
     "JobCheckpoint",
     "JobEvent",
+    "JobMetric",
     "Project",
+    "ProviderBaseModel",
     "ProviderFile",
+    "ProviderRateBudget",
+    "ProviderWebhookReceipt",
     "Scope",
     "Upload",
     "UploadPart",

@@ -48,6 +48,14 @@ class Job(CreatedAtMixin, Base):
             "next_attempt_at",
             postgresql_where=text("submitted_at IS NULL AND status = 'validating_files'"),
         ),
+        # The syncer's queue: submitted, unfinished jobs by provider and due time.
+        Index(
+            "ix_jobs_sync_queue",
+            "provider",
+            "sync_due_at",
+            postgresql_where=text("sync_due_at IS NOT NULL"),
+        ),
+        Index("ix_jobs_provider_provider_job_id", "provider", "provider_job_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -80,6 +88,22 @@ class Job(CreatedAtMixin, Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_submit_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Syncing (the syncer worker): when the job is next due, the lease of the syncer on it, the
+    # provider cursors already read, and consecutive failures for the backoff.
+    sync_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sync_lease_until: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    sync_requested_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    sync_failures: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_sync_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    event_cursor: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    checkpoint_cursor: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class JobEvent(CreatedAtMixin, Base):
@@ -137,3 +161,38 @@ class ProviderFile(CreatedAtMixin, Base):
     )
     provider: Mapped[str] = mapped_column(String(32), primary_key=True)
     provider_file_id: Mapped[str] = mapped_column(String(128), nullable=False)
+
+
+class JobMetric(Base):
+    """One training step's metrics (train/valid loss and accuracy), stored once per step."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    values: Mapped[dict[str, float]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ProviderRateBudget(Base):
+    """A token bucket per provider shared by every replica: requests it may still make now."""
+
+    __tablename__ = "provider_rate_budgets"
+
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ProviderWebhookReceipt(Base):
+    """An inbound provider webhook already handled (by its `webhook-id`), kept a day."""
+
+    __tablename__ = "provider_webhook_receipts"
+
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, index=True
+    )

@@ -182,6 +182,10 @@ class Provider(ABC):
     async def upload_file(self, filename: str, path: Path, purpose: str = "fine-tune") -> str:
         """Upload the file at `path` under `filename`, streamed from disk; the provider's id."""
 
+    async def download_file(self, file_id: str, limit: int) -> tuple[str, bytes]:
+        """A provider file's name and content (a job's result file), at most `limit` bytes."""
+        raise ProviderNotSupported(f"The {self.name} provider cannot download files.")
+
     @abstractmethod
     async def create_job(
         self,

@@ -52,6 +52,7 @@ from app.providers.base import (
     ProviderTimeout,
     retry_after_seconds,
 )
+from app.validation.catalog import known_models
 
 __all__ = ["OPENAI_BASE_MODELS", "OpenAIProvider", "translate_error"]
 
@@ -64,24 +65,19 @@ PAGE_SIZE = 100
 # `find_job_by_metadata` gives up after this many pages: the tagged job is among the newest.
 METADATA_SEARCH_PAGES = 3
 
-_SUPERVISED = ("supervised",)
-_SUPERVISED_DPO = ("supervised", "dpo")
-
-# What OpenAI can fine-tune: context per training example, USD per 1M training tokens, methods.
+# What OpenAI can fine-tune (context per training example, USD per 1M training tokens, methods):
+# the validation catalog's OpenAI entries, so prices and limits are written down once.
 OPENAI_BASE_MODELS: tuple[BaseModelInfo, ...] = tuple(
-    BaseModelInfo(id=model, context_limit=context, training_usd_per_1m=price, methods=methods,
-                  shutdown_date=None)
-    for model, context, price, methods in (
-        ("gpt-4o-mini-2024-07-18", 65_536, 3.00, _SUPERVISED_DPO),
-        ("gpt-4o-2024-08-06", 65_536, 25.00, _SUPERVISED_DPO),
-        ("gpt-4.1-2025-04-14", 65_536, 25.00, _SUPERVISED_DPO),
-        ("gpt-4.1-mini-2025-04-14", 65_536, 5.00, _SUPERVISED_DPO),
-        ("gpt-4.1-nano-2025-04-14", 65_536, 1.50, _SUPERVISED_DPO),
-        ("gpt-3.5-turbo-0125", 16_385, 8.00, _SUPERVISED),
-        ("babbage-002", 16_384, 0.40, _SUPERVISED),
-        ("davinci-002", 16_384, 6.00, _SUPERVISED),
+    BaseModelInfo(
+        id=spec.id,
+        context_limit=spec.context_limit,
+        training_usd_per_1m=spec.training_usd_per_1m,
+        methods=spec.methods,
+        shutdown_date=None,
     )
-)  # fmt: skip
+    for spec in known_models()
+    if spec.provider == "openai"
+)
 
 # Anything that looks like an OpenAI secret key, in case an upstream message quotes one.
 _KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-]{16,}")
@@ -251,6 +247,19 @@ class OpenAIProvider(Provider):
                 f"OpenAI completed upload {completed.id} without a file ({completed.status})."
             )
         return str(completed.file.id)
+
+    async def download_file(self, file_id: str, limit: int) -> tuple[str, bytes]:
+        with self._translated():
+            info = await self._client.files.retrieve(file_id)
+            if info.bytes is not None and info.bytes > limit:
+                raise ProviderBadRequest(
+                    f"File {file_id} is {info.bytes} bytes, over the {limit}-byte limit."
+                )
+            content = await self._client.files.content(file_id)
+        data = content.content
+        if len(data) > limit:
+            raise ProviderBadRequest(f"File {file_id} is over the {limit}-byte limit.")
+        return str(info.filename or f"{file_id}.csv"), data
 
     # Jobs
 

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
 
 from app.config import Settings
 from app.db.engine import Database
 from app.kit.logging import get_logger
+from app.kit.metrics import SyncMetrics
 
 log = get_logger("tunegate.workers")
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorkerContext:
     settings: Settings
     database: Database
+    # The API's registry when workers run inside `tunegate serve`; `tunegate worker` serves its
+    # own on --metrics-port.
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    sync_metrics: SyncMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sync_metrics = SyncMetrics(self.registry)
 
 
 RoleLoop = Callable[[WorkerContext, asyncio.Event], Awaitable[None]]

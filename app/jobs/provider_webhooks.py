@@ -1,0 +1,121 @@
+"""Inbound provider webhooks: `POST /v1/provider_webhooks/openai`.
+
+OpenAI announces `fine_tuning.job.succeeded|failed|cancelled` with Standard Webhooks headers
+(`webhook-id`, `webhook-timestamp`, `webhook-signature`) signed with the secret from
+`OPENAI_WEBHOOK_SECRET`. A valid one makes the named job due for a sync at once; the sync, not
+the webhook, changes the job (polling stays the source of truth). A `webhook-id` seen before is
+acknowledged and ignored; a job tunegate does not know is acknowledged and ignored (200), so the
+provider does not retry it; a bad or stale signature is a 400.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
+from sqlalchemy import delete
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.jobs.repository import SyncQueue
+from app.kit import signing
+from app.kit.errors import BadRequest
+from app.kit.http import ERROR_RESPONSES
+from app.kit.logging import get_logger
+from app.kit.time import utcnow
+from app.models import ProviderWebhookReceipt
+
+log = get_logger("tunegate.jobs.provider_webhooks")
+
+router = APIRouter(
+    prefix="/v1/provider_webhooks", tags=["provider_webhooks"], responses=ERROR_RESPONSES
+)
+
+TOLERANCE_SECONDS = 300
+RECEIPTS_KEPT = timedelta(days=1)
+JOB_EVENT_PREFIX = "fine_tuning.job."
+
+
+# Documents the scheme in OpenAPI; the signature itself is checked against the raw body below.
+_signature_doc = APIKeyHeader(
+    name="webhook-signature",
+    scheme_name="StandardWebhooksSignature",
+    description="Standard Webhooks signature (with `webhook-id` and `webhook-timestamp`), "
+    "made with the secret in OPENAI_WEBHOOK_SECRET.",
+    auto_error=False,
+)
+
+
+class WebhookAck(BaseModel):
+    received: bool = True
+    outcome: str
+    fine_tuning_job_id: str | None = None
+
+
+@router.post("/openai", response_model=WebhookAck, dependencies=[Depends(_signature_doc)])
+async def openai_webhook(request: Request) -> WebhookAck:
+    """Receives OpenAI's webhooks (configure this URL and `OPENAI_WEBHOOK_SECRET`)."""
+    secret = request.app.state.settings.openai_webhook_secret
+    if secret is None or not secret.get_secret_value():
+        raise BadRequest(
+            "OpenAI webhooks are not configured on this tunegate: set OPENAI_WEBHOOK_SECRET.",
+            code="webhook_secret_not_configured",
+        )
+    body = await request.body()
+    try:
+        webhook_id = signing.verify(
+            secret.get_secret_value(),
+            request.headers,
+            body,
+            tolerance_seconds=TOLERANCE_SECONDS,
+        )
+    except signing.SignatureError as exc:
+        raise BadRequest(f"Invalid webhook signature: {exc}", code="invalid_signature") from None
+    try:
+        event: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The webhook body is not JSON.", code="invalid_json") from None
+    if not isinstance(event, dict):
+        raise BadRequest("The webhook body is not a JSON object.", code="invalid_payload")
+    kind = event.get("type")
+    data = event.get("data")
+    job_ref = data.get("id") if isinstance(data, dict) else None
+
+    sessionmaker = request.app.state.database.sessionmaker
+    async with sessionmaker() as session, session.begin():
+        first = await _first_time(session, "openai", webhook_id)
+        if not first:
+            return WebhookAck(outcome="duplicate")
+        if not isinstance(kind, str) or not kind.startswith(JOB_EVENT_PREFIX):
+            return WebhookAck(outcome="ignored_event_type")
+        if not isinstance(job_ref, str) or not job_ref:
+            return WebhookAck(outcome="ignored_no_job")
+        job_id = await SyncQueue(session).request_sync("openai", job_ref, utcnow())
+    if job_id is None:
+        log.info("provider webhook for an unknown or finished job", provider_job_id=job_ref)
+        return WebhookAck(outcome="ignored_unknown_job")
+    log.info("provider webhook: sync requested", job_id=job_id, type=kind)
+    return WebhookAck(outcome="sync_requested", fine_tuning_job_id=job_id)
+
+
+async def _first_time(session: AsyncSession, provider: str, webhook_id: str) -> bool:
+    inserted = await session.scalar(
+        insert(ProviderWebhookReceipt)
+        .values(provider=provider, webhook_id=webhook_id[:256], received_at=utcnow())
+        .on_conflict_do_nothing()
+        .returning(ProviderWebhookReceipt.webhook_id)
+    )
+    return inserted is not None
+
+
+async def purge_receipts(session: AsyncSession) -> int:
+    result = await session.execute(
+        delete(ProviderWebhookReceipt).where(
+            ProviderWebhookReceipt.received_at < utcnow() - RECEIPTS_KEPT
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,157 @@
+"""OpenAI's models API: `GET /v1/models`, `GET /v1/models/{model}`, `DELETE /v1/models/{model}`.
+
+A project sees the base models of the providers this deployment has configured and its own
+fine-tuned models (not another project's, not deleted ones). Deleting a fine-tuned model deletes
+it at its provider, then marks it deleted here; base models cannot be deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, Field
+
+from app.auth.dependencies import ReadPrincipal, WritePrincipal
+from app.db.session import SessionDep
+from app.kit.errors import NotFound, PermissionDenied, ServiceUnavailable
+from app.kit.http import ERROR_RESPONSES, JSONRoute
+from app.kit.time import to_unix, utcnow
+from app.models import FineTunedModel
+from app.providers.base import Provider, ProviderError, ProviderNotFound
+from app.registry import service
+from app.registry.service import BaseEntry
+
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], route_class=JSONRoute, responses=ERROR_RESPONSES
+)
+
+ModelId = Annotated[str, Path(max_length=256, description="A model id, e.g. `ft:gpt-4o-mini:…`.")]
+
+
+class ModelObject(BaseModel):
+    """OpenAI's Model object plus what tunegate knows of it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    provider: str = Field(description="Which provider serves and tunes it (tunegate extension).")
+    kind: Literal["base", "fine-tuned"]
+    context_limit: int | None = None
+    training_usd_per_1m: float | None = None
+    methods: list[str] | None = None
+    shutdown_date: str | None = None
+    base_model: str | None = None
+    fine_tuning_job_id: str | None = None
+
+    @classmethod
+    def of_base(cls, entry: BaseEntry) -> ModelObject:
+        return cls(
+            id=entry.id,
+            created=entry.created,
+            owned_by="system" if entry.provider != "openai" else "openai",
+            provider=entry.provider,
+            kind="base",
+            context_limit=entry.context_limit,
+            training_usd_per_1m=entry.training_usd_per_1m,
+            methods=list(entry.methods),
+            shutdown_date=entry.shutdown_date,
+        )
+
+    @classmethod
+    def of_fine_tuned(cls, row: FineTunedModel) -> ModelObject:
+        return cls(
+            id=row.id,
+            created=to_unix(row.created_at) or 0,
+            owned_by=row.project_id,
+            provider=row.provider,
+            kind="fine-tuned",
+            base_model=row.base_model,
+            fine_tuning_job_id=row.job_id,
+        )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+def _not_found(model: str) -> NotFound:
+    return NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+
+def _providers(request: Request) -> dict[str, Provider]:
+    providers: dict[str, Provider] = request.app.state.providers or {}
+    return providers
+
+
+@router.get("", response_model=ModelList)
+async def list_models(request: Request, principal: ReadPrincipal, session: SessionDep) -> ModelList:
+    """Base models of the configured providers, then the project's fine-tuned models."""
+    bases = await service.base_models(session, set(_providers(request)))
+    tuned = await service.fine_tuned_models(session, principal.project_id)
+    return ModelList(
+        data=[ModelObject.of_base(b) for b in bases] + [ModelObject.of_fine_tuned(t) for t in tuned]
+    )
+
+
+@router.get("/{model}", response_model=ModelObject)
+async def retrieve_model(
+    model: ModelId, request: Request, principal: ReadPrincipal, session: SessionDep
+) -> ModelObject:
+    tuned = await service.fine_tuned(session, principal.project_id, model)
+    if tuned is not None:
+        return ModelObject.of_fine_tuned(tuned)
+    for entry in await service.base_models(session, set(_providers(request))):
+        if entry.id == model:
+            return ModelObject.of_base(entry)
+    raise _not_found(model)
+
+
+@router.delete("/{model}", response_model=ModelDeleted)
+async def delete_model(
+    model: ModelId, request: Request, principal: WritePrincipal, session: SessionDep
+) -> ModelDeleted:
+    """Delete a fine-tuned model of this project at its provider, then here."""
+    sessionmaker = request.app.state.database.sessionmaker
+    async with sessionmaker() as reader:  # read, then call the provider with no transaction open
+        tuned = await service.fine_tuned(reader, principal.project_id, model)
+        bases = await service.base_models(reader, set(_providers(request)))
+    if tuned is None:
+        if any(entry.id == model for entry in bases):
+            raise PermissionDenied(
+                f"The model '{model}' is a base model; only fine-tuned models can be deleted.",
+                param="model",
+                code="model_not_deletable",
+            )
+        raise _not_found(model)
+    provider = _providers(request).get(tuned.provider)
+    if provider is None:
+        raise ServiceUnavailable(
+            f"The provider '{tuned.provider}' of this model is not configured.",
+            code="provider_not_configured",
+        )
+    try:
+        await provider.delete_model(model)
+    except ProviderNotFound:
+        pass  # already gone upstream: mark it deleted here too
+    except ProviderError as exc:
+        if exc.retryable:
+            raise ServiceUnavailable(
+                f"The provider did not answer the delete request ({exc}); try again.",
+                code="provider_unavailable",
+            ) from None
+        raise PermissionDenied(
+            f"The provider refused to delete the model: {exc}", code=exc.code or "delete_refused"
+        ) from None
+    row = await session.get(FineTunedModel, model, with_for_update=True)
+    if row is not None and row.deleted_at is None:
+        row.deleted_at = utcnow()
+    return ModelDeleted(id=model, deleted=True)

@@ -1,0 +1,165 @@
+"""Base models per provider (context limit, training price, methods, shutdown date) and the
+fine-tuned models succeeded jobs made.
+
+The catalog (`app/validation/catalog.py`) knows every base model tunegate can validate for;
+each provider's own list (`Provider.list_base_models`, e.g. OpenAI's `shutdown_date`) is stored
+in `base_models` by the syncer every `REFRESH_EVERY` and overrides the catalog where it says
+more. Listing never calls a provider, so `GET /v1/models` is fast and works while one is down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.kit.logging import get_logger
+from app.kit.time import to_unix, utcnow
+from app.models import FineTunedModel, ProviderBaseModel
+from app.providers.base import Provider, ProviderError
+from app.validation.catalog import known_models, resolve_model
+
+log = get_logger("tunegate.registry")
+
+REFRESH_EVERY = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class BaseEntry:
+    id: str
+    provider: str
+    context_limit: int | None
+    training_usd_per_1m: float | None
+    methods: tuple[str, ...]
+    shutdown_date: str | None
+    created: int
+
+
+async def refresh_base_models(
+    sessionmaker: async_sessionmaker[AsyncSession], providers: Mapping[str, Provider]
+) -> int:
+    """Ask each provider for its base models (no transaction open), then store them."""
+    stored = 0
+    for name, provider in providers.items():
+        try:
+            infos = await provider.list_base_models()
+        except ProviderError as exc:
+            log.warning("base models not refreshed", provider=name, error=str(exc))
+            continue
+        if not infos:
+            continue
+        now = utcnow()
+        rows = [
+            {
+                "provider": name,
+                "id": info.id,
+                "context_limit": info.context_limit,
+                "training_usd_per_1m": info.training_usd_per_1m,
+                "methods": list(info.methods),
+                "shutdown_date": info.shutdown_date,
+                "refreshed_at": now,
+            }
+            for info in infos
+        ]
+        statement = insert(ProviderBaseModel).values(rows)
+        async with sessionmaker() as session, session.begin():
+            await session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["provider", "id"],
+                    set_={
+                        column: statement.excluded[column]
+                        for column in (
+                            "context_limit",
+                            "training_usd_per_1m",
+                            "methods",
+                            "shutdown_date",
+                            "refreshed_at",
+                        )
+                    },
+                )
+            )
+        stored += len(rows)
+    return stored
+
+
+async def base_models(session: AsyncSession, providers: set[str]) -> list[BaseEntry]:
+    """Base models of the configured providers: the catalog, overridden by what they reported."""
+    entries: dict[tuple[str, str], BaseEntry] = {
+        (spec.provider, spec.id): BaseEntry(
+            id=spec.id,
+            provider=spec.provider,
+            context_limit=spec.context_limit,
+            training_usd_per_1m=spec.training_usd_per_1m,
+            methods=spec.methods,
+            shutdown_date=None,
+            created=0,
+        )
+        for spec in known_models()
+        if spec.provider in providers
+    }
+    if providers:
+        rows = await session.scalars(
+            select(ProviderBaseModel).where(ProviderBaseModel.provider.in_(providers))
+        )
+        for row in rows:
+            known = entries.get((row.provider, row.id))
+            entries[(row.provider, row.id)] = BaseEntry(
+                id=row.id,
+                provider=row.provider,
+                context_limit=row.context_limit
+                if row.context_limit is not None
+                else (known.context_limit if known else None),
+                training_usd_per_1m=row.training_usd_per_1m
+                if row.training_usd_per_1m is not None
+                else (known.training_usd_per_1m if known else None),
+                methods=tuple(row.methods) or (known.methods if known else ()),
+                shutdown_date=row.shutdown_date,
+                created=known.created if known else to_unix(row.refreshed_at) or 0,
+            )
+    return sorted(entries.values(), key=lambda entry: (entry.provider, entry.id))
+
+
+async def shutdown_within(
+    session: AsyncSession, provider: str, model: str, days: int, today: date
+) -> str | None:
+    """The base model's shutdown date when it falls within `days` of `today`, else None."""
+    spec = resolve_model(model)
+    model_id = spec.id if spec is not None else model
+    shutdown = await session.scalar(
+        select(ProviderBaseModel.shutdown_date).where(
+            ProviderBaseModel.provider == provider, ProviderBaseModel.id == model_id
+        )
+    )
+    if not shutdown:
+        return None
+    try:
+        when = date.fromisoformat(shutdown[:10])
+    except ValueError:
+        return None
+    return shutdown if when - today <= timedelta(days=days) else None
+
+
+async def fine_tuned(
+    session: AsyncSession, project_id: str, model_id: str
+) -> FineTunedModel | None:
+    found: FineTunedModel | None = await session.scalar(
+        select(FineTunedModel).where(
+            FineTunedModel.id == model_id,
+            FineTunedModel.project_id == project_id,
+            FineTunedModel.deleted_at.is_(None),
+        )
+    )
+    return found
+
+
+async def fine_tuned_models(session: AsyncSession, project_id: str) -> list[FineTunedModel]:
+    rows = await session.scalars(
+        select(FineTunedModel)
+        .where(FineTunedModel.project_id == project_id, FineTunedModel.deleted_at.is_(None))
+        .order_by(FineTunedModel.created_at, FineTunedModel.id)
+    )
+    return list(rows)

@@ -1,0 +1,11 @@
+"""Imports every domain's `tasks` module so their roles are registered in `runner.ROLES`.
+
+Both `tunegate serve` (through app.main) and `tunegate worker` import this module.
+"""
+
+from app.files import tasks as files_tasks
+from app.jobs import syncer as jobs_syncer
+from app.jobs import tasks as jobs_tasks
+from app.validation import tasks as validation_tasks
+
+__all__ = ["files_tasks", "jobs_syncer", "jobs_tasks", "validation_tasks"]
