@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -104,3 +105,59 @@ def start_server(workdir: Path, *args: str, **env: str) -> RunningServer:
         time.sleep(0.2)
     server.stop()
     raise AssertionError("tunegate serve did not become ready within 60 s")
+
+
+@contextmanager
+def worker_process(
+    server: RunningServer, log_path: Path, *roles: str, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`tunegate worker --role …` on the server's database and data dir, with `env` on top;
+    stopped (or reaped, once killed) on the way out whatever happens."""
+    arguments = [argument for role in roles for argument in ("--role", role)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*tunegate_command(), "worker", *arguments],
+            env=server.env | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=server.data_dir.parent,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+async def _run_admin_sql(url: str, *statements: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+@contextmanager
+def separate_database(database_url: str, name: str) -> Iterator[str]:
+    """A database of its own on the test server, for processes that commit for real beside the
+    rolled-back transactions of the in-process tests; dropped afterwards."""
+    import asyncio
+
+    from sqlalchemy.engine import make_url
+
+    drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    asyncio.run(_run_admin_sql(database_url, drop, f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_run_admin_sql(database_url, drop))
