@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -60,6 +61,9 @@ def server(
         tmp_path_factory.mktemp("jobs-serve"),
         TUNEGATE_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
         TUNEGATE_JOBS__POLL_INTERVAL="PT0.2S",
+        TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING="PT0.3S",
+        TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED="PT0.3S",
+        TUNEGATE_JOBS__SYNC_INTERVAL_PAUSED="PT0.3S",
         OPENAI_API_KEY="sk-emulator-key",
         OPENAI_BASE_URL=f"{emulator.base_url}/v1",
     )
@@ -173,3 +177,73 @@ def test_training_not_available_fails_the_job_with_the_providers_message(
     assert failed.error is not None and failed.error.code == "training_not_available"
     assert failed.error.message
     assert failed.finished_at is not None
+
+
+def finished(client: openai.OpenAI, job_id: str) -> Callable[[], Any]:
+    def check() -> Any:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        return job if job.status in {"succeeded", "failed", "cancelled"} else None
+
+    return check
+
+
+def test_a_job_runs_to_succeeded_and_its_model_is_served_by_the_models_api(
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+) -> None:
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini-2024-07-18", training_file=training_file, suffix="adder"
+    )
+    done = wait_for(finished(client, job.id), 60, "the job to finish")
+    assert done.status == "succeeded", done
+    assert done.fine_tuned_model and done.fine_tuned_model.startswith("ft:gpt-4o-mini-2024-07-18:")
+    assert done.trained_tokens and done.finished_at and done.error is None
+    assert isinstance(done.hyperparameters.n_epochs, int)
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=20))  # auto-paginates
+    assert any(e.type == "metrics" for e in events)
+    assert events[0].created_at >= events[-1].created_at  # newest first
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and all(c.fine_tuning_job_id == job.id for c in checkpoints)
+    assert checkpoints[0].fine_tuned_model_checkpoint.startswith(done.fine_tuned_model)
+
+    (result_file,) = done.result_files
+    assert client.files.retrieve(result_file).purpose == "fine-tune-results"
+    assert client.files.content(result_file).text.startswith("step,")
+
+    model = client.models.retrieve(done.fine_tuned_model)
+    assert model.id == done.fine_tuned_model and model.object == "model"
+    assert done.fine_tuned_model in {m.id for m in client.models.list()}
+    assert client.models.delete(done.fine_tuned_model).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(done.fine_tuned_model)
+
+
+def test_pause_and_resume_go_through_to_the_provider(
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+) -> None:
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini-2024-07-18",
+        training_file=training_file,
+        hyperparameters={"n_epochs": 50},
+    )
+    with pytest.raises(openai.BadRequestError):  # not running yet
+        client.fine_tuning.jobs.resume(job.id)
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", 60, "running")
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused"
+    upstream_id = paused.model_extra["provider_job_id"]
+
+    def upstream_status() -> str:
+        return str(
+            emulator.get(
+                f"/v1/fine_tuning/jobs/{upstream_id}", headers={"Authorization": "Bearer x"}
+            ).json()["status"]
+        )
+
+    assert upstream_status() == "paused"
+    time.sleep(1)  # syncs meanwhile leave it paused
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    resumed = client.fine_tuning.jobs.resume(job.id)
+    assert resumed.status == "running" and upstream_status() == "running"
+    client.fine_tuning.jobs.cancel(job.id)
+    assert upstream_status() == "cancelled"

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -125,9 +125,12 @@ class SyncQueue(Repository[Job]):
         return job.id
 
 
+# A requested sync is due "long ago", so it goes before the backlog of overdue periodic syncs.
+REQUESTED_HEAD_START = timedelta(days=1)
+
+
 def schedule_now(job: Job, now: datetime) -> None:
-    """Ask for a sync as soon as possible. A sync already running when this is asked runs
-    once more after it (it sees `sync_requested_at` newer than its claim)."""
+    """Ask for a sync as soon as possible, ahead of periodic ones. A sync already running when
+    this is asked runs once more after it (it sees `sync_requested_at` newer than its claim)."""
     job.sync_requested_at = now
-    if job.sync_due_at is None or job.sync_due_at > now:
-        job.sync_due_at = now
+    job.sync_due_at = now - REQUESTED_HEAD_START

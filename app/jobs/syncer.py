@@ -117,6 +117,15 @@ class Syncer:
     # Claiming
 
     async def claim(self, provider: str, limit: int) -> list[_Claim]:
+        began = time.perf_counter()
+        claims = await self._claim(provider, limit)
+        for _ in claims:
+            self.metrics.database.labels(provider).observe(
+                (time.perf_counter() - began) / len(claims)
+            )
+        return claims
+
+    async def _claim(self, provider: str, limit: int) -> list[_Claim]:
         now = utcnow()
         lease = now + self.settings.jobs.sync_lease
         async with self.worker.database.sessionmaker() as session, session.begin():
@@ -195,7 +204,9 @@ class Syncer:
                 provider, claim, ProviderError("tunegate failed to sync the job; see its logs")
             )
             return
+        written = time.perf_counter()
         changed = await self._write(provider, claim, fetched)
+        self.metrics.database.labels(provider.name).observe(time.perf_counter() - written)
         self.metrics.syncs.labels(provider.name, "changed" if changed else "ok").inc()
         self.metrics.duration.labels(provider.name).observe(time.perf_counter() - began)
 
@@ -247,8 +258,7 @@ class Syncer:
                 return False
             await _store_events(session, job, fetched.events)
             await _store_checkpoints(session, job, fetched.checkpoints)
-            for event in fetched.events:
-                await _store_metric(session, job.id, event)
+            await _store_metrics(session, job.id, fetched.events)
             if fetched.events:
                 job.event_cursor = fetched.events[-1].id
             if fetched.checkpoints:
@@ -421,24 +431,25 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
     }
 
 
-async def _store_metric(session: Any, job_id: str, event: ProviderEvent) -> None:
-    data = event.data or {}
-    step = data.get("step")
-    if event.type != "metrics" or not isinstance(step, int) or isinstance(step, bool):
-        return
-    values = _numbers(data)
-    if not values:
-        return
-    await session.execute(
-        insert(JobMetric)
-        .values(
-            job_id=job_id,
-            step=step,
-            values=values,
-            created_at=_from_unix(event.created_at) or utcnow(),
-        )
-        .on_conflict_do_nothing()
-    )
+async def _store_metrics(session: Any, job_id: str, events: list[ProviderEvent]) -> None:
+    """Per-step metrics from the provider's metrics events, one row per step, in one insert."""
+    rows = []
+    for event in events:
+        data = event.data or {}
+        step = data.get("step")
+        if event.type != "metrics" or not isinstance(step, int) or isinstance(step, bool):
+            continue
+        values = _numbers(data)
+        if values:
+            created = _from_unix(event.created_at) or utcnow()
+            rows.append({"job_id": job_id, "step": step, "values": values, "created_at": created})
+    await _insert_metrics(session, rows)
+
+
+async def _insert_metrics(session: Any, rows: list[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), 1000):
+        batch = rows[start : start + 1000]
+        await session.execute(insert(JobMetric).values(batch).on_conflict_do_nothing())
 
 
 async def _metrics_from_csv(session: Any, job_id: str, content: bytes) -> None:
@@ -463,9 +474,7 @@ async def _metrics_from_csv(session: Any, job_id: str, content: bytes) -> None:
     except (UnicodeDecodeError, csv.Error):
         return
     now = utcnow()
-    for start in range(0, len(rows), 1000):
-        batch = [{**row, "created_at": now} for row in rows[start : start + 1000]]
-        await session.execute(insert(JobMetric).values(batch).on_conflict_do_nothing())
+    await _insert_metrics(session, [{**row, "created_at": now} for row in rows])
 
 
 def _adopt_hyperparameters(job: Job, upstream: ProviderJob) -> None:

@@ -52,3 +52,10 @@ class SyncMetrics:
             registry=registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.database = Histogram(
+            "tunegate_job_sync_database_seconds",
+            "Database time of one job sync (its share of the claim, plus its write).",
+            ["provider"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
