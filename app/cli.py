@@ -1,10 +1,12 @@
-"""The `tunegate` command: serve, migrate, worker, keys, files."""
+"""The `tunegate` command: serve, migrate, worker, keys, files, jobs."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -20,6 +22,8 @@ from app.models import Scope
 from app.providers.emulator.cli import emulator
 
 if TYPE_CHECKING:
+    from app.files.client import TunegateClient, TunegateError
+    from app.jobs.client import Event, Job, JobsClient, Update
     from app.models import ApiKey
 
 T = TypeVar("T")
@@ -35,6 +39,11 @@ cli.add_typer(keys_cli, name="keys")
 cli.command()(emulator)
 files_cli = typer.Typer(help="Upload and list files on a running tunegate.", no_args_is_help=True)
 cli.add_typer(files_cli, name="files")
+jobs_cli = typer.Typer(
+    help="Create, follow, list and cancel fine-tuning jobs on a running tunegate.",
+    no_args_is_help=True,
+)
+cli.add_typer(jobs_cli, name="jobs")
 
 err = Console(stderr=True)
 
@@ -169,9 +178,16 @@ def worker(
         list[str] | None,
         typer.Option("--role", help="Role to run; repeat for several. Default: all."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve Prometheus metrics on this port."),
+    ] = None,
 ) -> None:
     """Run background worker roles (no HTTP API)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
     from app.db.engine import Database, create_engine
+    from app.workers import roles as _roles  # noqa: F401 - registers every role
     from app.workers.runner import ROLES, WorkerContext, WorkerRunner
 
     settings = _settings()
@@ -184,10 +200,13 @@ def worker(
 
         database = Database(create_engine(url, settings))
         try:
-            runner = WorkerRunner(WorkerContext(settings, database), roles)
+            registry = CollectorRegistry()
+            runner = WorkerRunner(WorkerContext(settings, database, registry), roles)
         except ValueError as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from None
+        if metrics_port is not None:
+            start_http_server(metrics_port, registry=registry)
         runner.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -317,6 +336,7 @@ def files_upload(
     base_url: BaseUrlOption = "http://127.0.0.1:8000",
 ) -> None:
     """Upload a file with a progress bar (files over 512 MB go through the Uploads API)."""
+    import httpx2
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from app.files.client import TunegateClient, TunegateError
@@ -335,7 +355,7 @@ def files_upload(
     except TunegateError as exc:
         err.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    except OSError as exc:
+    except (OSError, httpx2.TransportError) as exc:
         err.print(f"[red]Cannot reach tunegate at {base_url}: {exc}[/red]")
         raise typer.Exit(1) from None
     finally:
@@ -427,6 +447,8 @@ def files_list(
     """List the project's files."""
     from datetime import UTC, datetime
 
+    import httpx2
+
     from app.files.client import TunegateClient, TunegateError
 
     client = TunegateClient(base_url, api_key)
@@ -435,7 +457,7 @@ def files_list(
     except TunegateError as exc:
         err.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    except OSError as exc:
+    except (OSError, httpx2.TransportError) as exc:
         err.print(f"[red]Cannot reach tunegate at {base_url}: {exc}[/red]")
         raise typer.Exit(1) from None
     finally:
@@ -457,6 +479,432 @@ def files_list(
             f"{created:%Y-%m-%d %H:%M}",
         )
     Console().print(table)
+
+
+# --- tunegate jobs ...: fine-tuning jobs on a running tunegate, over its HTTP API ---------------
+
+
+class TrainingMethod(enum.StrEnum):
+    supervised = "supervised"
+    dpo = "dpo"
+
+
+def _say(message: str, style: str = "") -> None:
+    """A line on stderr, unwrapped (rich wraps at 80 columns when stderr is not a terminal)."""
+    from rich.text import Text
+
+    err.print(Text(message, style=style), soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    _say(message, "red")
+    return typer.Exit(code)
+
+
+def _api_error(exc: TunegateError) -> str:
+    code = getattr(exc, "code", None)
+    return f"Error ({exc.status}{f' {code}' if code else ''}): {exc.message}"
+
+
+@contextmanager
+def _talking_to(base_url: str) -> Generator[None, None, None]:
+    """An error answer or an unreachable server becomes a message on stderr and exit status 1."""
+    import httpx2
+
+    from app.files.client import TunegateError
+
+    try:
+        yield
+    except TunegateError as exc:
+        raise _fail(_api_error(exc)) from None
+    except BrokenPipeError:
+        # The reader went away (`… | head`): stop quietly, as tools killed by SIGPIPE do.
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
+    except (OSError, httpx2.TransportError) as exc:
+        raise _fail(f"Cannot reach tunegate at {base_url}: {exc}") from None
+
+
+def _local_time(unix: int | None, seconds: bool = False) -> str:
+    from datetime import datetime
+
+    if unix is None:
+        return "-"
+    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else ""))
+
+
+def _file_or_path(value: str, option: str) -> str | Path:
+    """An existing local path is to be uploaded; otherwise it must be a file id."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if value.startswith("file-"):
+        return value
+    raise _fail(f"{option}: {value} is neither a local file nor a file id (file-…).", 2)
+
+
+def _upload_for_fine_tuning(files: TunegateClient, path: Path) -> str:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    # A bar only on a terminal: elsewhere rich would leave an empty line behind.
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task(f"uploading {path.name}", total=path.stat().st_size)
+        created = files.upload(path, "fine-tune", lambda n: progress.advance(task, n))
+    examples = created.get("examples")
+    _say(
+        f"Uploaded {path.name} as {created['id']}"
+        + (f" ({examples} examples)" if examples is not None else "")
+    )
+    return str(created["id"])
+
+
+def _job_body(
+    model: str,
+    suffix: str | None,
+    seed: int | None,
+    method: TrainingMethod | None,
+    hyperparameters: dict[str, object],
+    provider: str | None,
+    metadata: list[str] | None,
+) -> dict[str, object]:
+    """The create body without its files, checked here with the API's own schema so that a
+    mistake is reported before anything is uploaded."""
+    from pydantic import ValidationError
+
+    from app.jobs.client import method_object
+    from app.jobs.schemas import JobCreate
+
+    pairs: dict[str, str] = {}
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(f"--metadata wants KEY=VALUE, got '{item}'.", 2)
+        pairs[key] = value
+    body: dict[str, object] = {"model": model}
+    chosen = {
+        "suffix": suffix,
+        "seed": seed,
+        "method": method_object(method.value if method else None, hyperparameters),
+        "provider": provider,
+        "metadata": pairs or None,
+    }
+    body |= {name: value for name, value in chosen.items() if value is not None}
+    try:
+        JobCreate.model_validate(body | {"training_file": "file-unchecked"})
+    except ValidationError as exc:
+        # One message per option: a union (an int or "auto") reports each branch; the first
+        # branch is the one a number given on the command line failed.
+        problems: dict[str, str] = {}
+        for error in exc.errors():
+            fields = [str(p) for p in error["loc"] if str(p).isidentifier()]
+            option = f"--{fields[-1].replace('_', '-')}" if fields else "job"
+            problems.setdefault(option, error["msg"])
+        raise _fail("; ".join(f"{o}: {m}" for o, m in problems.items()), 2) from None
+    return body
+
+
+@jobs_cli.command("create")
+def jobs_create(
+    file: Annotated[
+        str,
+        typer.Option(
+            "--file", help="Training data: a local JSONL path (uploaded first) or a file id."
+        ),
+    ],
+    model: Annotated[str, typer.Option(help="Base model, e.g. gpt-4o-mini-2024-07-18.")],
+    api_key: ApiKeyOption,
+    validation_file: Annotated[
+        str | None, typer.Option(help="Held-out data: a local path or a file id.")
+    ] = None,
+    suffix: Annotated[str | None, typer.Option(help="Part of the fine-tuned model's name.")] = None,
+    seed: Annotated[int | None, typer.Option(help="For a reproducible run.")] = None,
+    n_epochs: Annotated[int | None, typer.Option(help="Default: chosen by the provider.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    learning_rate_multiplier: Annotated[float | None, typer.Option()] = None,
+    method: Annotated[
+        TrainingMethod | None, typer.Option(help="Default: supervised.", case_sensitive=False)
+    ] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO only.")] = None,
+    provider: Annotated[
+        str | None, typer.Option(help="openai or local; default: the model's provider.")
+    ] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", help="KEY=VALUE; repeat for several.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The same create again within 24 h answers the same job (with file ids: a "
+            "local file is uploaded anew each time)."
+        ),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Then follow it, as `tunegate jobs follow`.")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between polls with --follow.")
+    ] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job object as JSON.")] = False,
+    base_url: BaseUrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """Create a fine-tuning job (a local file is uploaded first) and print its id.
+
+    --file and --validation-file take a local path or a file id (file-…). The job's id goes to
+    stdout (the job object with --json); --follow then follows it as `tunegate jobs follow`."""
+    from app.files.client import TunegateClient
+    from app.jobs.client import JobsClient, JobsError
+
+    if as_json and follow:
+        raise _fail("--json and --follow cannot be used together.", 2)
+    if beta is not None and method is not TrainingMethod.dpo:
+        raise _fail("--beta applies to --method dpo only.", 2)
+    training = _file_or_path(file, "--file")
+    held_out = (
+        None if validation_file is None else _file_or_path(validation_file, "--validation-file")
+    )
+    hyperparameters: dict[str, object] = {
+        name: value
+        for name, value in {
+            "n_epochs": n_epochs,
+            "batch_size": batch_size,
+            "learning_rate_multiplier": learning_rate_multiplier,
+            "beta": beta,
+        }.items()
+        if value is not None
+    }
+    body = _job_body(model, suffix, seed, method, hyperparameters, provider, metadata)
+
+    said: set[str] = set()
+
+    def waiting(exc: JobsError) -> None:
+        if exc.message not in said:  # once per validation, not every few seconds
+            said.add(exc.message)
+            _say(f"{exc.message} Waiting…", "dim")
+
+    with (
+        _talking_to(base_url),
+        closing(TunegateClient(base_url, api_key)) as files,
+        JobsClient(base_url, api_key) as jobs,
+    ):
+        if isinstance(training, Path):
+            training = _upload_for_fine_tuning(files, training)
+        if isinstance(held_out, Path):
+            held_out = _upload_for_fine_tuning(files, held_out)
+        body["training_file"] = training
+        if held_out is not None:
+            body["validation_file"] = held_out
+        try:
+            job = jobs.create(body, idempotency_key=idempotency_key, on_validation_pending=waiting)
+        except JobsError as exc:
+            local = {"invalid_training_file": file, "invalid_validation_file": validation_file}
+            path = local.get(exc.code or "")
+            if path is None or not Path(path).is_file():
+                raise
+            _say(_api_error(exc), "red")
+            how = f" --method {method.value}" if method else ""
+            _say(f"Check it locally: tunegate files validate {path} --model {model}{how}")
+            raise typer.Exit(1) from None
+        if as_json:
+            typer.echo(json.dumps(job, indent=2, ensure_ascii=False))
+            return
+        cost = job.get("estimated_cost")
+        _say(
+            f"Created {job['id']}: {job['status']}, model {job['model']}, provider "
+            f"{job.get('provider')}" + (f", estimated cost ${cost:.2f}" if cost is not None else "")
+        )
+        typer.echo(job["id"])
+        if not follow:
+            return
+        code = _follow(jobs, job["id"], interval)
+    raise typer.Exit(code)
+
+
+@jobs_cli.command("follow")
+def jobs_follow(
+    job_id: Annotated[str, typer.Argument(help="The job's id (ftjob-…).")],
+    api_key: ApiKeyOption,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 2.0,
+    base_url: BaseUrlOption = "http://127.0.0.1:8000",
+    events_page_size: Annotated[int, typer.Option(min=1, max=100, hidden=True)] = 100,
+) -> None:
+    """Print a job's events and progress until it ends.
+
+    Events are printed once each, oldest first, in local time, with a progress bar on a
+    terminal. Exit status 0 when the job succeeded, 1 when it failed or was cancelled, 130 when
+    Ctrl-C stopped the following (the job goes on)."""
+    from app.jobs.client import JobsClient
+
+    with (
+        _talking_to(base_url),
+        JobsClient(base_url, api_key, events_page_size=events_page_size) as jobs,
+    ):
+        code = _follow(jobs, job_id, interval)
+    raise typer.Exit(code)
+
+
+def _event_line(event: Event, with_percent: bool = False) -> str:
+    from app.jobs.client import steps_of_event
+
+    line = f"[{_local_time(event['created_at'], seconds=True)}] {event['message']}"
+    steps = steps_of_event(event)
+    if with_percent and steps is not None:
+        line += f" ({100 * steps[0] // steps[1]}%)"
+    return line
+
+
+def _outage(exc: Exception) -> None:
+    _say(f"tunegate does not answer ({exc}); still trying…", "yellow")
+
+
+def _follow(jobs: JobsClient, job_id: str, interval: float) -> int:
+    """Follow until the job ends; the exit status for it."""
+    console = Console(highlight=False)
+    last: Update | None = None
+    try:
+        if console.is_terminal and not console.is_dumb_terminal:
+            last = _follow_with_bar(console, jobs, job_id, interval)
+        else:
+            # Not a terminal: one plain line per event, flushed, never a redrawn bar.
+            for last in jobs.watch(job_id, interval, on_outage=_outage):
+                for event in last.events:
+                    typer.echo(_event_line(event, with_percent=True))
+    except KeyboardInterrupt:
+        _say(
+            f"Stopped following {job_id}; the job goes on (cancel it with "
+            f"`tunegate jobs cancel {job_id}`)."
+        )
+        return 130
+    assert last is not None  # watch yields until the job has ended
+    return _report_end(last)
+
+
+def _follow_with_bar(console: Console, jobs: JobsClient, job_id: str, interval: float) -> Update:
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.text import Text
+
+    styles = {"warn": "yellow", "error": "red"}
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[steps]}"),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    last: Update | None = None
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("", total=None, steps="", detail="")
+        for last in jobs.watch(job_id, interval, on_outage=_outage):
+            for event in last.events:
+                progress.console.print(
+                    Text(_event_line(event), style=styles.get(event["level"], ""))
+                )
+            steps = last.steps
+            loss = last.metrics.get("train_loss")
+            progress.update(
+                task,
+                description=last.job["status"],
+                total=steps[1] if steps else None,
+                completed=steps[0] if steps else 0,
+                steps=f"{steps[0]}/{steps[1]} steps" if steps else "",
+                detail=f"loss {loss:.4f}" if isinstance(loss, int | float) else "",
+            )
+    assert last is not None
+    return last
+
+
+def _report_end(last: Update) -> int:
+    job: Job = last.job
+    steps = f" after {last.steps[0]}/{last.steps[1]} steps" if last.steps else ""
+    if job["status"] == "succeeded":
+        typer.echo(f"Job {job['id']} succeeded{steps}: fine-tuned model {job['fine_tuned_model']}")
+        return 0
+    if job["status"] == "failed":
+        error = job.get("error") or {}
+        code = f" ({error['code']})" if error.get("code") else ""
+        typer.echo(
+            f"Job {job['id']} failed{steps}: {error.get('message') or 'no reason given'}{code}"
+        )
+        return 1
+    typer.echo(f"Job {job['id']} was {job['status']}{steps}.")
+    return 1
+
+
+@jobs_cli.command("list")
+def jobs_list(
+    api_key: ApiKeyOption,
+    limit: Annotated[int, typer.Option(min=1, help="How many of the newest jobs.")] = 20,
+    all_jobs: Annotated[
+        bool, typer.Option("--all", help="Every job, not only the newest.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    base_url: BaseUrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """List the project's fine-tuning jobs, newest first."""
+    from app.jobs.client import JobsClient
+
+    with _talking_to(base_url), JobsClient(base_url, api_key) as jobs:
+        found, more = jobs.list_jobs(None if all_jobs else limit)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
+    else:
+        _print_jobs(found)
+    if more:
+        _say(f"More jobs: raise --limit (now {limit}) or use --all.")
+
+
+def _print_jobs(found: list[Job]) -> None:
+    headers = ("id", "status", "model", "fine_tuned_model", "created")
+    rows = [
+        (
+            job["id"],
+            job["status"],
+            job["model"],
+            job.get("fine_tuned_model") or "-",
+            _local_time(job["created_at"]),
+        )
+        for job in found
+    ]
+    console = Console()
+    if console.is_terminal:
+        table = Table(*(Column(name, no_wrap=name == "id") for name in headers))
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    # Piped: aligned plain columns that never wrap, for grep and awk.
+    widths = [max(len(v) for v in column) for column in zip(headers, *rows, strict=True)]
+    for row in (headers, *rows):
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@jobs_cli.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id (ftjob-…).")],
+    api_key: ApiKeyOption,
+    base_url: BaseUrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """Cancel an unfinished job (at its provider too) and print its new status."""
+    from app.jobs.client import JobsClient
+
+    with _talking_to(base_url), JobsClient(base_url, api_key) as jobs:
+        job = jobs.cancel(job_id)
+    typer.echo(f"{job['id']}: {job['status']}")
 
 
 def main() -> None:
