@@ -155,6 +155,14 @@ async def test_a_job_is_followed_to_succeeded_with_everything_it_made(
         )
     ).all()
     assert sorted(stored) == sorted(e.id for e in upstream_events)
+    in_order = (
+        await session.scalars(
+            select(JobEvent.provider_event_id)
+            .where(JobEvent.job_id == job["id"], JobEvent.provider_event_id.is_not(None))
+            .order_by(JobEvent.created_at, JobEvent.id)
+        )
+    ).all()
+    assert list(in_order) == [e.id for e in upstream_events]  # the provider's order, exactly
     events = (await api.get(f"/v1/fine_tuning/jobs/{job['id']}/events")).json()["data"]
     statuses = [e["data"]["status"] for e in events if (e["data"] or {}).get("previous_status")]
     assert statuses[0] == "succeeded"  # newest first

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from app.config import Settings
@@ -371,22 +372,35 @@ class Syncer:
 
 
 async def _store_events(session: Any, job: Job, events: list[ProviderEvent]) -> None:
+    """Store new provider events in the provider's order. Providers stamp events in whole
+    seconds; each is stored at least a microsecond after the one before it (this batch's or an
+    earlier one's), so listings sort them exactly as the provider sent them."""
     if not events:
         return
-    rows = [
-        {
-            "id": new_id("ftevent-"),
-            "job_id": job.id,
-            "project_id": job.project_id,
-            "level": event.level if event.level in {"info", "warn", "error"} else "info",
-            "message": event.message,
-            "type": event.type or "message",
-            "data": event.data,
-            "provider_event_id": event.id,
-            "created_at": _from_unix(event.created_at) or utcnow(),
-        }
-        for event in events
-    ]
+    previous = await session.scalar(
+        select(func.max(JobEvent.created_at)).where(
+            JobEvent.job_id == job.id, JobEvent.provider_event_id.is_not(None)
+        )
+    )
+    rows = []
+    for event in events:
+        moment = _from_unix(event.created_at) or utcnow()
+        if previous is not None and moment <= previous:
+            moment = previous + timedelta(microseconds=1)
+        previous = moment
+        rows.append(
+            {
+                "id": new_id("ftevent-"),
+                "job_id": job.id,
+                "project_id": job.project_id,
+                "level": event.level if event.level in {"info", "warn", "error"} else "info",
+                "message": event.message,
+                "type": event.type or "message",
+                "data": event.data,
+                "provider_event_id": event.id,
+                "created_at": moment,
+            }
+        )
     await session.execute(
         insert(JobEvent)
         .values(rows)

@@ -62,6 +62,8 @@ DIRECT_UPLOAD_MAX_BYTES = 512 * 1024 * 1024
 UPLOAD_PART_BYTES = 64 * 1024 * 1024
 # Items per list request (OpenAI's maximum for job, event and checkpoint lists).
 PAGE_SIZE = 100
+# First page when reading what is new since a known item: usually all there is.
+FIRST_PAGE_SIZE = 10
 # `find_job_by_metadata` gives up after this many pages: the tagged job is among the newest.
 METADATA_SEARCH_PAGES = 3
 
@@ -328,33 +330,54 @@ class OpenAIProvider(Provider):
     async def list_events(
         self, job_id: str, after: str | None = None, limit: int = 100
     ) -> list[ProviderEvent]:
-        first = self._client.fine_tuning.jobs.list_events(job_id, limit=PAGE_SIZE)
-        items = await self._newer_than(first, after, limit)
+        jobs = self._client.fine_tuning.jobs
+        items = await self._newer_than(
+            lambda size, older_than: jobs.list_events(
+                job_id, limit=size, after=older_than or openai.omit
+            ),
+            after,
+            limit,
+        )
         return [_event(item.to_dict(mode="json")) for item in items]
 
     async def list_checkpoints(
         self, job_id: str, after: str | None = None, limit: int = 100
     ) -> list[ProviderCheckpoint]:
-        first = self._client.fine_tuning.jobs.checkpoints.list(job_id, limit=PAGE_SIZE)
-        items = await self._newer_than(first, after, limit)
+        checkpoints = self._client.fine_tuning.jobs.checkpoints
+        items = await self._newer_than(
+            lambda size, older_than: checkpoints.list(
+                job_id, limit=size, after=older_than or openai.omit
+            ),
+            after,
+            limit,
+        )
         return [_checkpoint(item.to_dict(mode="json")) for item in items]
 
-    async def _newer_than(self, first: Awaitable[Any], after: str | None, limit: int) -> list[Any]:
+    async def _newer_than(
+        self,
+        page_of: Callable[[int, str | None], Awaitable[Any]],
+        after: str | None,
+        limit: int,
+    ) -> list[Any]:
         """The oldest `limit` items newer than `after` from a newest-first listing, oldest
-        first (see the module docstring)."""
+        first (see the module docstring). A sync usually finds few new items, so the first page
+        is small (`FIRST_PAGE_SIZE`) and only a longer walk uses full pages."""
         if limit < 1:
             return []
         kept: deque[Any] = deque(maxlen=limit)
+        size = FIRST_PAGE_SIZE if after is not None else PAGE_SIZE
+        older_than: str | None = None
         with self._translated():
-            page: _Page = await first
             while True:
+                page: _Page = await page_of(size, older_than)
                 for item in page.data:
                     if cast(_Identified, item).id == after:
                         return list(reversed(kept))
                     kept.append(item)
-                if not page.has_next_page():
+                if not page.data or not page.has_next_page():
                     return list(reversed(kept))
-                page = await page.get_next_page()
+                older_than = cast(_Identified, page.data[-1]).id
+                size = PAGE_SIZE
 
     # Models
 
