@@ -76,6 +76,12 @@ def _check_operation(operation, mode: GenerationMode) -> None:
     run()
 
 
+def _signed(operation) -> bool:
+    """Operations authenticated by a webhook signature instead of an API key."""
+    security = operation.definition.raw.get("security") or []
+    return any("StandardWebhooksSignature" in requirement for requirement in security)
+
+
 def test_api_conforms_to_its_openapi(fuzz_schema: schemathesis.Schema) -> None:
     failures: list[str] = []
     operations = 0
@@ -83,6 +89,10 @@ def test_api_conforms_to_its_openapi(fuzz_schema: schemathesis.Schema) -> None:
         operation = result.ok()
         operations += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode is GenerationMode.POSITIVE and _signed(operation):
+                # A valid request needs a signature made with the provider's secret, which a
+                # generator cannot make; its answers are covered by tests/test_syncer.py.
+                continue
             try:
                 _check_operation(operation, mode)
             except Unsatisfiable:

@@ -27,7 +27,7 @@ from app.jobs import service as jobs_service
 from app.kit import idempotency
 from app.kit.errors import APIError, InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
-from app.kit.pagination import ListPage, Order, PageParams, to_page
+from app.kit.pagination import AfterQuery, ListPage, Order, PageParams, to_page
 from app.kit.time import to_unix
 from app.models import File
 from app.validation import service as validations
@@ -148,7 +148,7 @@ async def _with_validation(
 
 
 def file_page_params(
-    after: Annotated[str | None, Query(max_length=128)] = None,
+    after: AfterQuery = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="1 to 10,000.")] = 10_000,
     order: Annotated[Order, Query()] = Order.desc,
 ) -> PageParams:

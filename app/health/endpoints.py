@@ -69,7 +69,7 @@ async def metrics(request: Request) -> Response:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
             async with request.app.state.database.sessionmaker() as session:
                 rows = await session.execute(select(Job.status, func.count()).group_by(Job.status))
-                counts = dict(rows.tuples().all())
+                counts = {status: count for status, count in rows}
         for status in JOB_STATUSES:
             gauge.labels(status).set(counts.get(status, 0))
     except (TimeoutError, SQLAlchemyError, OSError):

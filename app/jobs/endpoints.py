@@ -25,7 +25,7 @@ from app.jobs.service import JobsContext
 from app.kit import idempotency
 from app.kit.errors import InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
-from app.kit.pagination import ListPage, Order, PageParams, to_page
+from app.kit.pagination import AfterQuery, ListPage, Order, PageParams, to_page
 from app.kit.time import to_unix
 from app.models import Job, JobCheckpoint, JobEvent, JobMetric
 
@@ -53,7 +53,7 @@ Context = Annotated[JobsContext, Depends(jobs_context)]
 
 
 def list_params(
-    after: Annotated[str | None, Query(max_length=128)] = None,
+    after: AfterQuery = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> PageParams:
     return PageParams(after=after, limit=limit, order=Order.desc)

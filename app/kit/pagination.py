@@ -29,10 +29,15 @@ class PageParams(BaseModel):
     order: Order = Order.desc
 
 
+# The `after` cursor of every list: an id from a previous page (an empty one is refused).
+AfterQuery = Annotated[
+    str | None,
+    Query(min_length=1, max_length=128, description="Return objects after this id."),
+]
+
+
 def page_params(
-    after: Annotated[
-        str | None, Query(max_length=128, description="Return objects after this id.")
-    ] = None,
+    after: AfterQuery = None,
     limit: Annotated[
         int, Query(ge=1, le=MAX_LIMIT, description="Objects per page, 1 to 100.")
     ] = DEFAULT_LIMIT,

@@ -19,7 +19,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     if settings.openai_api_key is not None and settings.openai_api_key.get_secret_value():
         providers[OpenAIProvider.name] = OpenAIProvider(
             api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
+            base_url=settings.openai_base_url or None,
             organization=settings.openai_organization,
             project=settings.openai_project,
         )
