@@ -8,6 +8,7 @@ SDK as the client.
   has expired, and nothing is lost.
 - A provider that is down for a while leaves every job intact; the syncers back off and recover
   by themselves.
+- A flood of signed inbound webhooks for one job causes one sync, not one per webhook.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -22,9 +24,11 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
+from app.kit import signing
 from tests.emulator import Emulator, running_emulator
 from tests.server import RunningServer, separate_database, start_server, wait_for, worker_process
 
@@ -33,6 +37,7 @@ pytestmark = pytest.mark.slow
 ADMIN_KEY = "tg-syncproc1-0123456789abcdefghijklmnopqrstuvwxyzABCD"
 EMULATOR_KEY = "sk-emulator-syncer-process"
 LEASE = "PT2S"
+WEBHOOK_SECRET = "whsec_" + "Zmxvb2Qtb2Ytd2ViaG9va3MtZmxvb2Qtb2Ytd2ViaG8="
 SYNCER_ENV = {
     "TUNEGATE_LOG__LEVEL": "DEBUG",
     "TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING": "PT0.3S",
@@ -62,6 +67,7 @@ def server(
             TUNEGATE_JOBS__POLL_INTERVAL="PT0.1S",
             OPENAI_API_KEY=EMULATOR_KEY,
             OPENAI_BASE_URL=f"{emulator.base_url}/v1",
+            OPENAI_WEBHOOK_SECRET=WEBHOOK_SECRET,
         )
         try:
             yield running
@@ -230,3 +236,61 @@ def test_a_provider_outage_is_waited_out(
         assert_complete_and_once(client, emulator, job_id)
     log = (tmp_path / "syncer.log").read_text()
     assert "sync failed; backing off" in log
+
+
+def test_a_flood_of_webhooks_for_one_job_causes_one_sync(
+    client: openai.OpenAI, emulator: Emulator, server: RunningServer, tmp_path: Path
+) -> None:
+    hourly = SYNCER_ENV | {
+        "TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING": "PT1H",
+        "TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED": "PT1H",
+    }
+    retrieve = ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}")
+
+    def retrieves() -> int:
+        return sum(emulator.requests().get(retrieve, {}).values())
+
+    with (
+        worker_process(server, tmp_path / "submitter.log", "submitter"),
+        worker_process(server, tmp_path / "syncer.log", "syncer", **hourly),
+    ):
+        emulator.http.delete("/_emulator/requests").raise_for_status()
+        (job_id,) = create_jobs(client, 1)
+        provider_job = wait_for(
+            lambda: (client.fine_tuning.jobs.retrieve(job_id).model_extra or {}).get(
+                "provider_job_id"
+            ),
+            30,
+            "the job to be submitted",
+        )
+        wait_for(lambda: retrieves() >= 1, 30, "the first sync")
+        time.sleep(1)
+        emulator.http.delete("/_emulator/requests").raise_for_status()
+
+        event = {
+            "object": "event",
+            "type": "fine_tuning.job.succeeded",
+            "created_at": int(time.time()),
+            "data": {"id": provider_job},
+        }
+        body = json.dumps(event).encode()
+        answers: list[int] = []
+
+        def send(i: int) -> None:
+            headers = signing.headers([WEBHOOK_SECRET], f"msg_flood_{i}", int(time.time()), body)
+            answer = httpx.post(
+                f"{server.base_url}/v1/provider_webhooks/openai",
+                content=body,
+                headers={**headers, "content-type": "application/json"},
+                timeout=10,
+            )
+            answers.append(answer.status_code)
+
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(40)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        assert answers == [200] * 40
+        time.sleep(3)
+        assert 1 <= retrieves() <= 2, "one sync (and at most one more for webhooks mid-sync)"
