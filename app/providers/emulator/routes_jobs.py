@@ -47,7 +47,7 @@ def jobs_router(state: EmulatorState) -> APIRouter:
         if state.faults.training_not_available():
             raise training_not_available()
         job = create_job(state, body, now)
-        state.jobs[job.id] = job
+        state.add_job(job)
         return job_json(job, now, organization)
 
     @router.get("")

@@ -8,6 +8,7 @@ finished since the last look their result file and their model, so `/v1/models` 
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import string
 import time
@@ -114,6 +115,8 @@ class EmulatorState:
     requests: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
     status_listeners: list[Callable[[], None]] = field(default_factory=list)
     """Told when a call (not the clock) ends a job, so a cancel is announced at once."""
+    finishing: list[tuple[float, str]] = field(default_factory=list)
+    """A heap of (wall-clock finish time, job id) of jobs not yet given their results."""
 
     @classmethod
     def create(cls, speed: float, organization: str, faults: FaultConfig | None) -> EmulatorState:
@@ -146,12 +149,28 @@ class EmulatorState:
         self.refresh(now)
         return now
 
+    def add_job(self, job: StoredJob) -> None:
+        self.jobs[job.id] = job
+        if job.plan is not None and job.failure is None:
+            heapq.heappush(self.finishing, (job.clock.wall_at(job.plan.finishes_at), job.id))
+
     def refresh(self, now: float) -> None:
-        """Give jobs that have succeeded by `now` their result file and fine-tuned model."""
-        for job in self.jobs.values():
-            if job.result_file_id is not None or job.plan is None:
+        """Give jobs that have succeeded by `now` their result file and fine-tuned model.
+
+        Only jobs whose finishing time has come are looked at (a heap by wall-clock finish), so
+        a request costs the same with ten jobs or ten thousand. A pause moves the finish later:
+        such a job is put back with its new time."""
+        while self.finishing and self.finishing[0][0] <= now:
+            _, job_id = heapq.heappop(self.finishing)
+            job = self.jobs.get(job_id)
+            if job is None or job.result_file_id is not None or job.plan is None:
                 continue
-            if job_status(job, now) != "succeeded":
+            status = job_status(job, now)
+            if status in {"queued", "running", "paused", "validating_files"}:
+                later = job.clock.wall_at(job.plan.finishes_at)
+                heapq.heappush(self.finishing, (max(later, now + 0.5), job_id))
+                continue
+            if status != "succeeded":
                 continue
             done = int(finished_at(job, now) or now)
             content = result_csv(job.seed, job.plan)
