@@ -34,6 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from app.config import Settings
+from app.db.base import Base
 from app.files.service import FilesContext, file_from_bytes
 from app.files.storage import BlobStorage, make_storage
 from app.jobs import state
@@ -41,7 +42,7 @@ from app.jobs.repository import SyncQueue
 from app.kit.ids import new_id
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
-from app.models import FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric
+from app.models import FineTunedModel, Job, JobEvent
 from app.providers import budget
 from app.providers.base import (
     Provider,
@@ -371,6 +372,18 @@ class Syncer:
             await asyncio.gather(*self.running, return_exceptions=True)
 
 
+# Core inserts executed with a list of rows: one cached statement, batched by SQLAlchemy's
+# "insertmanyvalues" (a multi-row VALUES built per call is not cached and costs more CPU than
+# the rest of a sync together).
+_TABLES = Base.metadata.tables
+_EVENTS_INSERT = insert(_TABLES["job_events"]).on_conflict_do_nothing(
+    index_elements=["job_id", "provider_event_id"],
+    index_where=_TABLES["job_events"].c.provider_event_id.is_not(None),
+)
+_CHECKPOINTS_INSERT = insert(_TABLES["job_checkpoints"]).on_conflict_do_nothing()
+_METRICS_INSERT = insert(_TABLES["job_metrics"]).on_conflict_do_nothing()
+
+
 async def _store_events(session: Any, job: Job, events: list[ProviderEvent]) -> None:
     """Store new provider events in the provider's order. Providers stamp events in whole
     seconds; each is stored at least a microsecond after the one before it (this batch's or an
@@ -402,36 +415,27 @@ async def _store_events(session: Any, job: Job, events: list[ProviderEvent]) -> 
             }
         )
     await session.execute(
-        insert(JobEvent)
-        .values(rows)
-        .on_conflict_do_nothing(
-            index_elements=["job_id", "provider_event_id"],
-            index_where=JobEvent.provider_event_id.is_not(None),
-        )
+        _EVENTS_INSERT,
+        rows,
     )
 
 
 async def _store_checkpoints(session: Any, job: Job, checkpoints: list[ProviderCheckpoint]) -> None:
     if not checkpoints:
         return
-    await session.execute(
-        insert(JobCheckpoint)
-        .values(
-            [
-                {
-                    "id": checkpoint.id,
-                    "job_id": job.id,
-                    "project_id": job.project_id,
-                    "fine_tuned_model_checkpoint": checkpoint.fine_tuned_model_checkpoint,
-                    "step_number": checkpoint.step_number,
-                    "metrics": checkpoint.metrics,
-                    "created_at": _from_unix(checkpoint.created_at) or utcnow(),
-                }
-                for checkpoint in checkpoints
-            ]
-        )
-        .on_conflict_do_nothing()
-    )
+    rows = [
+        {
+            "id": checkpoint.id,
+            "job_id": job.id,
+            "project_id": job.project_id,
+            "fine_tuned_model_checkpoint": checkpoint.fine_tuned_model_checkpoint,
+            "step_number": checkpoint.step_number,
+            "metrics": checkpoint.metrics,
+            "created_at": _from_unix(checkpoint.created_at) or utcnow(),
+        }
+        for checkpoint in checkpoints
+    ]
+    await session.execute(_CHECKPOINTS_INSERT, rows)
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
@@ -461,9 +465,8 @@ async def _store_metrics(session: Any, job_id: str, events: list[ProviderEvent])
 
 
 async def _insert_metrics(session: Any, rows: list[dict[str, Any]]) -> None:
-    for start in range(0, len(rows), 1000):
-        batch = rows[start : start + 1000]
-        await session.execute(insert(JobMetric).values(batch).on_conflict_do_nothing())
+    if rows:
+        await session.execute(_METRICS_INSERT, rows)
 
 
 async def _metrics_from_csv(session: Any, job_id: str, content: bytes) -> None:
