@@ -107,6 +107,9 @@ async def test_range_requests(writer) -> None:
     outside = await writer.get(url, headers={"Range": f"bytes={len(content)}-"})
     assert_envelope(outside, 416)
     assert outside.headers["content-range"] == f"bytes */{len(content)}"
+    empty_suffix = await writer.get(url, headers={"Range": "bytes=-0"})
+    assert_envelope(empty_suffix, 416)
+    assert empty_suffix.headers["content-range"] == f"bytes */{len(content)}"
     ignored = await writer.get(url, headers={"Range": "bytes=0-1,5-6"})
     assert ignored.status_code == 200 and ignored.content == content
 

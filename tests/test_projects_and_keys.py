@@ -84,3 +84,24 @@ async def test_revoke_by_prefix_and_delete(client_for, factories) -> None:
     # Revoking twice is harmless and keeps the first revocation time.
     again = await admin.post(f"/v1/api_keys/{a['id']}/revoke")
     assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
+
+
+async def test_project_update_renames_sets_budget_and_refuses_bad_changes(
+    client_for, factories
+) -> None:
+    admin = client_for((await factories.key(scope=Scope.admin)).key)
+    project = (await admin.post("/v1/projects", json={"name": "patch-me"})).json()
+    await admin.post("/v1/projects", json={"name": "taken"})
+    url = f"/v1/projects/{project['id']}"
+
+    renamed = await admin.patch(url, json={"name": "patched", "training_budget_usd": 5})
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["name"] == "patched" and renamed.json()["training_budget_usd"] == 5
+    # Only the fields sent change: the budget stays until it is set to null.
+    assert (await admin.patch(url, json={})).json()["training_budget_usd"] == 5
+    cleared = (await admin.patch(url, json={"training_budget_usd": None})).json()
+    assert cleared["training_budget_usd"] is None and cleared["name"] == "patched"
+
+    assert assert_envelope(await admin.patch(url, json={"name": "taken"}), 409)["param"] == "name"
+    assert assert_envelope(await admin.patch(url, json={"name": None}), 422)["param"] == "name"
+    assert (await admin.get(url)).json()["name"] == "patched"

@@ -47,9 +47,3 @@ class ApiKeyLookup(Repository[ApiKey]):
 
 class ApiKeyRepository(ProjectScopedRepository[ApiKey]):
     model = ApiKey
-
-    async def by_id_or_prefix(self, ident: str) -> ApiKey | None:
-        found: ApiKey | None = await self.session.scalar(
-            self.select().where(or_(ApiKey.id == ident, ApiKey.prefix == ident)).limit(1)
-        )
-        return found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,19 +97,19 @@ async def revoke_key(session: AsyncSession, key: ApiKey) -> ApiKey:
     return key
 
 
-async def find_keys(session: AsyncSession, ident: str) -> Sequence[ApiKey]:
-    """Keys matching an id (`key_…`), a visible prefix, or a whole `tg-<prefix>-…` key."""
+def _lookup_ident(ident: str) -> str:
+    """What to look a key up by: an id (`key_…`) or a visible prefix as given, and a whole
+    `tg-<prefix>-…` key reduced to its visible prefix (so its secret is never echoed)."""
     ident = ident.strip()
-    if ident.startswith("tg-"):
-        ident = visible_prefix(ident)
-    return await ApiKeyLookup(session).by_id_or_prefix(ident)
+    return visible_prefix(ident) if ident.startswith("tg-") else ident
 
 
 async def find_one_key(session: AsyncSession, ident: str) -> ApiKey:
-    matches = await find_keys(session, ident)
+    """The key with this id (`key_…`) or visible prefix, or the key a whole `tg-…` key is."""
+    ident = _lookup_ident(ident)
+    matches = await ApiKeyLookup(session).by_id_or_prefix(ident)
     if not matches:
-        shown = visible_prefix(ident.strip()) if ident.strip().startswith("tg-") else ident
-        raise NotFound(f"No API key with id or prefix '{shown}'.", param="id")
+        raise NotFound(f"No API key with id or prefix '{ident}'.", param="id")
     if len(matches) > 1:
         raise Conflict(f"More than one key has prefix '{ident}': use the key id.", param="id")
     return matches[0]

@@ -29,10 +29,12 @@ class Repository(Generic[ModelT]):
     def select(self) -> Select[Any]:
         return select(self.model)
 
-    async def get(self, id: str) -> ModelT | None:
-        found: ModelT | None = await self.session.scalar(
-            self.select().where(self._id_column() == id)
-        )
+    async def get(self, id: str, *, for_update: bool = False) -> ModelT | None:
+        """The row with this id (in scope), or None; `for_update` locks it (SELECT … FOR UPDATE)."""
+        statement = self.select().where(self._id_column() == id)
+        if for_update:
+            statement = statement.with_for_update()
+        found: ModelT | None = await self.session.scalar(statement)
         return found
 
     async def list(self, statement: Select[Any]) -> Sequence[ModelT]:

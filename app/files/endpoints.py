@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response, StreamingResponse
@@ -167,12 +169,7 @@ async def list_files(
     if purpose:
         statement = statement.where(File.purpose == purpose)
     rows, has_more = await repository.paginate(statement, page)
-    latest = await validations.latest_summaries(
-        session, principal.project_id, [row.id for row in rows]
-    )
-    items = [
-        FileObject.of(row, summary_of(latest[row.id]) if row.id in latest else None) for row in rows
-    ]
+    items = await _file_objects(session, principal.project_id, rows)
     return to_page(items, has_more, lambda f: f.id)
 
 
@@ -181,8 +178,17 @@ async def retrieve_file(
     file_id: FileId, principal: ReadPrincipal, session: SessionDep
 ) -> FileObject:
     row = await service.get_file(session, principal.project_id, file_id)
-    latest = await validations.latest_summaries(session, principal.project_id, [row.id])
-    return FileObject.of(row, summary_of(latest[row.id]) if row.id in latest else None)
+    return (await _file_objects(session, principal.project_id, [row]))[0]
+
+
+async def _file_objects(
+    session: SessionDep, project_id: str, rows: Sequence[File]
+) -> list[FileObject]:
+    """File objects carrying the summary of their latest validation (one query for all)."""
+    latest = await validations.latest_summaries(session, project_id, [row.id for row in rows])
+    return [
+        FileObject.of(row, summary_of(latest[row.id]) if row.id in latest else None) for row in rows
+    ]
 
 
 @files_router.delete("/{file_id}", response_model=FileDeleted)
@@ -209,7 +215,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if not first:
         length = int(last)
         if length == 0:
-            raise RangeNotSatisfiable(f"Range {header} selects no bytes of a {size}-byte file.")
+            raise RangeNotSatisfiable(
+                f"Range {header} selects no bytes of a {size}-byte file.",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
         return max(0, size - length), size
     start = int(first)
     end = size if not last else min(int(last) + 1, size)
@@ -269,8 +278,6 @@ async def download_file(
 
 
 def _content_disposition(filename: str) -> str:
-    from urllib.parse import quote
-
     ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 

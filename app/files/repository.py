@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,12 +18,6 @@ class FileRepository(ProjectScopedRepository[File]):
 class UploadRepository(ProjectScopedRepository[Upload]):
     model = Upload
 
-    async def get_for_update(self, upload_id: str) -> Upload | None:
-        found: Upload | None = await self.session.scalar(
-            self.select().where(Upload.id == upload_id).with_for_update()
-        )
-        return found
-
     async def parts(self, upload_id: str, part_ids: Sequence[str]) -> Sequence[UploadPart]:
         rows = await self.session.scalars(
             select(UploadPart).where(
@@ -35,14 +29,26 @@ class UploadRepository(ProjectScopedRepository[Upload]):
         return rows.all()
 
     async def received_bytes(self, upload_id: str) -> int:
-        from sqlalchemy import func
-
         total = await self.session.scalar(
             select(func.coalesce(func.sum(UploadPart.bytes), 0)).where(
                 UploadPart.upload_id == upload_id, UploadPart.project_id == self.project_id
             )
         )
         return int(total or 0)
+
+    async def complete_if_pending(self, upload_id: str, file_id: str) -> Upload | None:
+        """Mark a still-pending upload completed; None when a concurrent complete or cancel won."""
+        completed: Upload | None = await self.session.scalar(
+            update(Upload)
+            .where(
+                Upload.id == upload_id,
+                Upload.project_id == self.project_id,
+                Upload.status == "pending",
+            )
+            .values(status="completed", file_id=file_id)
+            .returning(Upload)
+        )
+        return completed
 
 
 class BlobRepository(Repository[Blob]):
@@ -117,12 +123,6 @@ class MaintenanceRepository:
         await self.session.execute(
             update(Upload).where(Upload.id == upload_id).values(parts_purged_at=moment)
         )
-
-    async def parts_of(self, upload_id: str) -> Sequence[UploadPart]:
-        rows = await self.session.scalars(
-            select(UploadPart).where(UploadPart.upload_id == upload_id)
-        )
-        return rows.all()
 
     async def delete_parts(self, upload_id: str) -> None:
         await self.session.execute(delete(UploadPart).where(UploadPart.upload_id == upload_id))

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
@@ -235,8 +234,10 @@ async def create_upload(
     return row
 
 
-async def get_upload(session: AsyncSession, project_id: str, upload_id: str) -> Upload:
-    row = await UploadRepository(session, project_id).get(upload_id)
+async def get_upload(
+    session: AsyncSession, project_id: str, upload_id: str, *, for_update: bool = False
+) -> Upload:
+    row = await UploadRepository(session, project_id).get(upload_id, for_update=for_update)
     if row is None:
         raise NotFound(f"No such Upload object: {upload_id}", param="upload_id")
     return row
@@ -274,26 +275,23 @@ async def add_part(
     if spool.size == 0:
         spool.discard()
         raise BadRequest("The part is empty.", param="data")
+    part_id = new_id("part_")
     part = UploadPart(
-        id=new_id("part_"),
+        id=part_id,
         upload_id=upload.id,
         project_id=project_id,
         bytes=spool.size,
-        storage_key="",
+        storage_key=part_key(upload.id, part_id),
     )
-    part.storage_key = part_key(upload.id, part.id)
     try:
         await context.storage.put_file(part.storage_key, spool.path)
     except BaseException:
         spool.discard()
         raise
-    repository = UploadRepository(session, project_id)
     try:
-        locked = await repository.get_for_update(upload.id)
-        if locked is None:
-            raise NotFound(f"No such Upload object: {upload.id}", param="upload_id")
+        locked = await get_upload(session, project_id, upload.id, for_update=True)
         _require_pending(locked, utcnow())
-        received = await repository.received_bytes(upload.id)
+        received = await UploadRepository(session, project_id).received_bytes(upload.id)
         if received + part.bytes > locked.bytes:
             raise BadRequest(
                 f"This part would bring the upload to {received + part.bytes} bytes, over the "
@@ -374,21 +372,14 @@ async def complete_upload(
         session, context, project_id, spool, upload.filename, Purpose(upload.purpose), expires_at
     )
     # Only a still-pending upload completes: a concurrent complete or cancel wins otherwise.
-    result = await session.execute(
-        update(Upload)
-        .where(Upload.id == upload_id, Upload.project_id == project_id, Upload.status == "pending")
-        .values(status="completed", file_id=file.id)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    completed = await UploadRepository(session, project_id).complete_if_pending(upload_id, file.id)
+    if completed is None:
         raise Conflict(f"Upload {upload_id} was completed or cancelled meanwhile.")
-    return await get_upload(session, project_id, upload_id), file
+    return completed, file
 
 
 async def cancel_upload(session: AsyncSession, project_id: str, upload_id: str) -> Upload:
-    repository = UploadRepository(session, project_id)
-    upload = await repository.get_for_update(upload_id)
-    if upload is None:
-        raise NotFound(f"No such Upload object: {upload_id}", param="upload_id")
+    upload = await get_upload(session, project_id, upload_id, for_update=True)
     if upload.status != "cancelled":
         _require_pending(upload, utcnow())
         upload.status = "cancelled"

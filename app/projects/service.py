@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,11 +28,13 @@ def check_name(name: str) -> str:
     return name
 
 
-async def create(session: AsyncSession, name: str) -> Project:
-    check_name(name)
-    repository = ProjectRepository(session)
-    if await repository.by_name(name) is not None:
+async def _ensure_name_free(session: AsyncSession, name: str) -> None:
+    if await ProjectRepository(session).by_name(name) is not None:
         raise Conflict(f"A project named '{name}' already exists.", param="name")
+
+
+async def create(session: AsyncSession, name: str) -> Project:
+    await _ensure_name_free(session, check_name(name))
     project = Project(id=new_id("proj_"), name=name)
     try:
         async with session.begin_nested():
@@ -42,16 +46,19 @@ async def create(session: AsyncSession, name: str) -> Project:
     return project
 
 
-async def update(session: AsyncSession, project_id: str, changes: dict[str, object]) -> Project:
+async def update(session: AsyncSession, project_id: str, changes: Mapping[str, Any]) -> Project:
+    """Apply the fields a PATCH sent (`changes` holds only those): a new name, or a training
+    budget (None removes it)."""
     project = await get(session, project_id)
-    if "name" in changes and changes["name"] is not None and changes["name"] != project.name:
-        name = check_name(str(changes["name"]))
-        if await ProjectRepository(session).by_name(name) is not None:
-            raise Conflict(f"A project named '{name}' already exists.", param="name")
-        project.name = name
+    if "name" in changes:
+        name = changes["name"]
+        if name is None:
+            raise InvalidPayload("A project's name cannot be removed (null).", param="name")
+        if name != project.name:
+            await _ensure_name_free(session, check_name(name))
+            project.name = name
     if "training_budget_usd" in changes:
-        budget = changes["training_budget_usd"]
-        project.training_budget_usd = None if budget is None else float(budget)  # type: ignore[arg-type]
+        project.training_budget_usd = changes["training_budget_usd"]
     await session.flush()
     return project
 
