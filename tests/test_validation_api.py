@@ -148,6 +148,26 @@ async def test_estimates(api) -> None:
     assert assert_envelope(missing, 404)["param"] == "training_file"
 
 
+async def test_estimates_refuse_what_job_creation_refuses(api) -> None:
+    file = await upload(api, chat_file(60))
+    base = {"model": "gpt-4o-mini", "training_file": file["id"]}
+    other_method = await api.post(
+        "/v1/fine_tuning/estimates",
+        json=base | {"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}},
+    )
+    assert assert_envelope(other_method, 422)["param"] == "method"
+    beta = await api.post(
+        "/v1/fine_tuning/estimates",
+        json=base
+        | {"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}},
+    )
+    assert assert_envelope(beta, 422)["param"] == "hyperparameters.beta"
+    top_level_beta = await api.post(
+        "/v1/fine_tuning/estimates", json=base | {"hyperparameters": {"beta": 0.1}}
+    )
+    assert assert_envelope(top_level_beta, 422)["param"] == "hyperparameters.beta"
+
+
 async def test_every_seed_format_converts_to_chat_that_validates(api) -> None:
     for name in (
         "sentiment_simple_zh.csv",

@@ -44,13 +44,20 @@ def price_for(target: Target) -> tuple[float | None, str | None]:
 
 
 def cost_report(
-    target: Target, examples: int, billable_per_epoch: int, *, priced: bool = True
+    target: Target,
+    examples: int,
+    billable_per_epoch: int,
+    *,
+    priced: bool = True,
+    usd_digits: int = 6,
 ) -> dict[str, Any]:
     """The report's `cost` section. `priced` False (tokens were not counted) leaves usd None."""
     epochs, source = epochs_for(examples, target.n_epochs)
     usd_per_1m, price_date = price_for(target)
     billable = billable_per_epoch * epochs
-    usd = None if usd_per_1m is None or not priced else round(billable * usd_per_1m / 1e6, 6)
+    usd = (
+        None if usd_per_1m is None or not priced else round(billable * usd_per_1m / 1e6, usd_digits)
+    )
     return {
         "n_epochs": epochs,
         "n_epochs_source": source,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from app.validation.issues import IssueLog
-from app.validation.reader import read_lines
+from app.validation.reader import read_lines, size_text, too_long_message
 
 __all__ = ["CsvCount", "count_csv_rows", "is_csv_header"]
 
@@ -57,7 +57,7 @@ def count_csv_rows(
             number = chunk.first_line
             for raw in chunk.lines:
                 if raw is None:
-                    issues.add("line_too_long", number, None, _too_long(max_line_bytes))
+                    issues.add("line_too_long", number, None, too_long_message(max_line_bytes))
                     raw = b""
                 try:
                     text = raw.decode("utf-8")
@@ -96,15 +96,7 @@ def count_csv_rows(
             "invalid_csv",
             exc.args[0],
             None,
-            f"a row reaches past {_mib(max_line_bytes)}: a quoted field is probably never closed; "
-            "counting stopped here",
+            f"a row reaches past {size_text(max_line_bytes)}: a quoted field is probably never "
+            "closed; counting stopped here",
         )
     return outcome
-
-
-def _too_long(limit: int) -> str:
-    return f"the line is longer than {_mib(limit)}; it was skipped"
-
-
-def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):g} MiB" if size >= 1024 * 1024 else f"{size} bytes"

@@ -28,7 +28,7 @@ from app.validation.issues import IssueLog
 from app.validation.memory import return_large_blocks_to_the_system
 from app.validation.messages import ROLES
 from app.validation.pipeline import BATCH_CHARS, BATCH_TEXTS, Accumulator, ExampleBatch, Pipeline
-from app.validation.reader import read_lines
+from app.validation.reader import read_lines, too_long_message
 from app.validation.report import (
     build_report,
     check_example_count,
@@ -42,12 +42,10 @@ from app.validation.rules_legacy import CompletionRules
 from app.validation.target import Target
 from app.validation.tokens import TokenCounter, counter_for_encoding
 
-__all__ = ["DEFAULT_MAX_LINE_BYTES", "Target", "ValidationCancelled", "validate_file"]
+__all__ = ["DEFAULT_MAX_LINE_BYTES", "Progress", "Target", "ValidationCancelled", "validate_file"]
 
 DEFAULT_MAX_LINE_BYTES: Final = 8 * 1024 * 1024
 
-# Top-level keys that identify a format on their own: the detector's own table.
-_SIGNAL_KEYS: Final = SIGNAL_KEYS
 _DEEP_FORMATS: Final = (DatasetFormat.chat, DatasetFormat.dpo, DatasetFormat.prompt_completion)
 _WHITESPACE: Final = b" \t\r\n\x0b\x0c"
 
@@ -160,7 +158,7 @@ class _Validation:
                         "line_too_long",
                         number,
                         None,
-                        f"the line is longer than {_size(self._max_line_bytes)}; it was skipped",
+                        too_long_message(self._max_line_bytes),
                     )
                 elif raw and not raw.isspace():
                     self._examples += 1
@@ -197,7 +195,7 @@ class _Validation:
 
     def _dispatch(self, example: Any, line: int) -> None:
         if type(example) is dict:
-            kinds = {kind for key in example if (kind := _SIGNAL_KEYS.get(key)) is not None}
+            kinds = {kind for key in example if (kind := SIGNAL_KEYS.get(key)) is not None}
             if len(kinds) > 1:
                 names = ", ".join(sorted(kind.value for kind in kinds))
                 self._issues.add(
@@ -300,7 +298,3 @@ class _Validation:
 def _csv_start(first: bytes | bytearray) -> bool:
     """Whether the file's first non-blank line is a CSV header rather than JSON."""
     return not first.lstrip(_WHITESPACE).startswith(b"{") and is_csv_header(first)
-
-
-def _size(limit: int) -> str:
-    return f"{limit / (1024 * 1024):g} MiB" if limit >= 1024 * 1024 else f"{limit} bytes"

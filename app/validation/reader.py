@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
-__all__ = ["CHUNK_BYTES", "Chunk", "read_lines"]
+__all__ = ["CHUNK_BYTES", "Chunk", "read_lines", "size_text", "too_long_message"]
 
 CHUNK_BYTES: Final = 1024 * 1024
 _BOM: Final = codecs.BOM_UTF8
@@ -79,3 +79,13 @@ def read_lines(f: BinaryIO, max_line_bytes: int, chunk_bytes: int = CHUNK_BYTES)
         yield Chunk(next_line, [None], bytes_done)
     elif carry:
         yield Chunk(next_line, [carry], bytes_done)
+
+
+def size_text(size: int) -> str:
+    """A byte limit as people read it: "8 MiB", or "500 bytes" below one MiB."""
+    return f"{size / (1024 * 1024):g} MiB" if size >= 1024 * 1024 else f"{size} bytes"
+
+
+def too_long_message(max_line_bytes: int) -> str:
+    """The `line_too_long` occurrence message, the same for JSONL and CSV files."""
+    return f"the line is longer than {size_text(max_line_bytes)}; it was skipped"

@@ -28,21 +28,15 @@ class ValidationRepository(ProjectScopedRepository[ValidationReport]):
     async def latest_succeeded(
         self, file_id: str, model: str, method: str
     ) -> ValidationReport | None:
-        found: ValidationReport | None = await self.session.scalar(
-            self.select()
-            .where(
-                ValidationReport.file_id == file_id,
-                ValidationReport.model == model,
-                ValidationReport.method == method,
-                ValidationReport.status == "succeeded",
-            )
-            .order_by(ValidationReport.created_at.desc())
-            .limit(1)
-        )
-        return found
+        return await self._latest(file_id, model, method, ("succeeded",))
 
     async def latest_unfinished(
         self, file_id: str, model: str, method: str
+    ) -> ValidationReport | None:
+        return await self._latest(file_id, model, method, ("queued", "running"))
+
+    async def _latest(
+        self, file_id: str, model: str, method: str, statuses: tuple[str, ...]
     ) -> ValidationReport | None:
         found: ValidationReport | None = await self.session.scalar(
             self.select()
@@ -50,7 +44,7 @@ class ValidationRepository(ProjectScopedRepository[ValidationReport]):
                 ValidationReport.file_id == file_id,
                 ValidationReport.model == model,
                 ValidationReport.method == method,
-                ValidationReport.status.in_(("queued", "running")),
+                ValidationReport.status.in_(statuses),
             )
             .order_by(ValidationReport.created_at.desc())
             .limit(1)

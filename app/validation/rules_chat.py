@@ -9,14 +9,12 @@ mapped to a hash of that answer (conflicting answers).
 
 from __future__ import annotations
 
-from hashlib import sha256
 from typing import Any, Final
 
 import orjson
-from orjson import OPT_SORT_KEYS, dumps
 
 from app.validation.messages import ASSISTANT, SYSTEM, USER, check_messages
-from app.validation.rules_common import Context, check_tools, json_kind, sorted_json
+from app.validation.rules_common import Context, check_tools, digest, json_kind, sorted_json
 from app.validation.tokens import REPLY_PRIMING_TOKENS
 
 __all__ = ["ChatRules", "add_definitions", "warn_missing_roles"]
@@ -69,19 +67,14 @@ class ChatRules:
             )
             batch.rollback(mark)
             return
-        roles = summary.roles
-        if roles & _SYSTEM_AND_USER != _SYSTEM_AND_USER:
-            if not roles & SYSTEM:
-                ctx.warn("missing_system_message", line, "messages", _NO_SYSTEM)
-            if not roles & USER:
-                ctx.warn("missing_user_message", line, "messages", _NO_USER)
+        warn_missing_roles(ctx, summary.roles, line, "messages")
         if extra_keys:
             add_definitions(ctx, example, 2 * index)
         last = summary.last_assistant
         batch.lines.append(line)
         batch.fixed.append(summary.fixed_tokens + REPLY_PRIMING_TOKENS)
         batch.messages.append(len(messages))
-        batch.digests.append(sha256(dumps(example, option=OPT_SORT_KEYS)).digest()[:16])
+        batch.digests.append(digest(sorted_json(example)))
         if last > 0 or extra_keys:  # with no prompt at all, answers cannot conflict
             batch.conflict_examples.append(index)
             plain = summary.plain
@@ -108,6 +101,8 @@ class ChatRules:
 
 
 def warn_missing_roles(ctx: Context, roles: int, line: int, path: str) -> None:
+    if roles & _SYSTEM_AND_USER == _SYSTEM_AND_USER:  # the usual case: one test
+        return
     if not roles & SYSTEM:
         ctx.warn("missing_system_message", line, path, _NO_SYSTEM)
     if not roles & USER:

@@ -9,8 +9,8 @@ from app.files.schemas import FileObject
 from app.kit.time import to_unix
 from app.kit.types import JSON_INTEGER, JSONInt
 from app.models import ValidationReport
-
-Method = Literal["supervised", "dpo"]
+from app.validation.cost import EpochsSource
+from app.validation.target import Method
 
 
 class ValidationCreate(BaseModel):
@@ -130,7 +130,7 @@ class Estimate(BaseModel):
     training_file: str
     validation_file: str | None
     n_epochs: int
-    n_epochs_source: Literal["given", "default_heuristic"]
+    n_epochs_source: EpochsSource
     examples: int
     trained_tokens: int = Field(description="Billable tokens: per epoch times epochs.")
     estimated_cost_usd: float | None

@@ -8,7 +8,6 @@ the stored blob once, streaming.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,8 @@ from app.kit.logging import get_logger
 from app.kit.time import utcnow
 from app.models import File, ValidationReport
 from app.validation.catalog import ModelSpec, known_models, resolve_model
-from app.validation.cost import epochs_for, price_for
-from app.validation.engine import Target, validate_file
+from app.validation.cost import cost_report
+from app.validation.engine import Progress, Target, validate_file
 from app.validation.repository import ValidationRepository
 from app.validation.schemas import Estimate, EstimateCreate, Hyperparameters
 
@@ -68,14 +67,11 @@ def _price_override(settings: Settings, spec: ModelSpec, asked: str) -> float | 
     return overrides.get(spec.id, overrides.get(asked))
 
 
-ProgressCallback = Callable[[int, int], bool]
-
-
 async def run_engine(
     context: ValidationContext,
     sha256: str,
     target: Target,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     async with context.storage.materialize(blob_key(sha256)) as path:
         return await asyncio.to_thread(
@@ -90,24 +86,30 @@ async def run_engine(
 def with_file_id(report: dict[str, Any], file_id: str) -> dict[str, Any]:
     """The engine knows paths, not File ids: name the file in its conversion hints."""
     for item in report.get("errors", []):
-        if isinstance(item.get("message"), str):
-            item["message"] = item["message"].replace("/v1/files/{id}/", f"/v1/files/{file_id}/")
-        for occurrence in item.get("occurrences", []):
-            if isinstance(occurrence.get("message"), str):
-                occurrence["message"] = occurrence["message"].replace(
+        for entry in (item, *item.get("occurrences", [])):
+            if isinstance(entry.get("message"), str):
+                entry["message"] = entry["message"].replace(
                     "/v1/files/{id}/", f"/v1/files/{file_id}/"
                 )
     return report
 
 
+def succeeded_values(report: dict[str, Any], file_id: str) -> dict[str, Any]:
+    """The columns a finished engine run sets (`bytes_done` aside: it becomes `bytes_total`)."""
+    report = with_file_id(report, file_id)
+    return {
+        "status": "succeeded",
+        "report": report,
+        "verdict": report["verdict"],
+        "lines_done": int(report.get("lines", 0)),
+        "finished_at": utcnow(),
+    }
+
+
 def record_outcome(row: ValidationReport, report: dict[str, Any]) -> None:
-    report = with_file_id(report, row.file_id)
-    row.status = "succeeded"
-    row.report = report
-    row.verdict = report["verdict"]
+    for column, value in succeeded_values(report, row.file_id).items():
+        setattr(row, column, value)
     row.bytes_done = row.bytes_total
-    row.lines_done = int(report.get("lines", 0))
-    row.finished_at = utcnow()
 
 
 async def create_validation(
@@ -193,16 +195,27 @@ async def latest_summaries(
 
 
 def _hyperparameters(body: EstimateCreate) -> Hyperparameters | None:
+    """The hyperparameters asked for, refused as job creation (`jobs.service`) refuses them,
+    so that an estimate is never given for a job that could not be created."""
     nested = None
+    method = body.method.type if body.method is not None else "supervised"
     if body.method is not None:
-        details = body.method.supervised if body.method.type == "supervised" else body.method.dpo
+        details = body.method.supervised if method == "supervised" else body.method.dpo
         nested = details.hyperparameters if details is not None else None
+        unused = "dpo" if method == "supervised" else "supervised"
+        if getattr(body.method, unused) is not None:
+            raise InvalidPayload(
+                f"method.type is '{method}' but method.{unused} was given.", param="method"
+            )
     if nested is not None and body.hyperparameters is not None:
         raise InvalidPayload(
             "Give hyperparameters either at the top level or in method, not both.",
             param="hyperparameters",
         )
-    return nested or body.hyperparameters
+    chosen = nested or body.hyperparameters
+    if method == "supervised" and chosen is not None and chosen.beta is not None:
+        raise InvalidPayload("beta applies to the dpo method only.", param="hyperparameters.beta")
+    return chosen
 
 
 async def report_for_target(
@@ -246,10 +259,11 @@ async def estimate(
     session: AsyncSession, context: ValidationContext, project_id: str, body: EstimateCreate
 ) -> Estimate:
     method = body.method.type if body.method is not None else "supervised"
+    # The model first, as job creation does: an unknown model is a 404 whatever else is wrong.
+    resolve_target(context.settings, body.model, method)
     hyper = _hyperparameters(body)
+    # The range (1..50) is checked by the Hyperparameters schema.
     n_epochs = hyper.n_epochs if hyper is not None and isinstance(hyper.n_epochs, int) else None
-    if n_epochs is not None and not 1 <= n_epochs <= 50:
-        raise InvalidPayload("n_epochs must be between 1 and 50.", param="hyperparameters.n_epochs")
     target = resolve_target(context.settings, body.model, method, n_epochs)
     training = await report_for_target(
         session, context, project_id, body.training_file, target, "training_file"
@@ -261,22 +275,21 @@ async def estimate(
         )
     report = training.report or {}
     examples = int(report.get("examples") or 0)
-    epochs, source = epochs_for(examples, n_epochs)
     per_epoch = int((report.get("tokens") or {}).get("billable_per_epoch") or 0)
-    usd_per_1m, price_date = price_for(target)
-    trained = per_epoch * epochs
+    # Recomputed rather than read from the report: the report may be for other epochs.
+    cost = cost_report(target, examples, per_epoch, usd_digits=4)
     return Estimate(
         model=target.model.id,
         method=method,
         training_file=body.training_file,
         validation_file=body.validation_file,
-        n_epochs=epochs,
-        n_epochs_source=source,
+        n_epochs=cost["n_epochs"],
+        n_epochs_source=cost["n_epochs_source"],
         examples=examples,
-        trained_tokens=trained,
-        estimated_cost_usd=None if usd_per_1m is None else round(trained * usd_per_1m / 1e6, 4),
-        usd_per_1m_tokens=usd_per_1m,
-        price_date=price_date,
+        trained_tokens=cost["billable_tokens"],
+        estimated_cost_usd=cost["usd"],
+        usd_per_1m_tokens=cost["usd_per_1m"],
+        price_date=cost["price_date"],
         expected_duration_seconds=None,
         verdict=training.verdict,
         training_validation_id=training.id,

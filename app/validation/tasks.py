@@ -20,7 +20,7 @@ from app.kit.time import utcnow
 from app.models import File
 from app.validation.engine import ValidationCancelled
 from app.validation.repository import ValidationQueue
-from app.validation.service import ValidationContext, resolve_target, run_engine, with_file_id
+from app.validation.service import ValidationContext, resolve_target, run_engine, succeeded_values
 from app.workers.runner import WorkerContext, register_role
 
 log = get_logger("tunegate.validation.worker")
@@ -84,14 +84,7 @@ async def process_one(worker: WorkerContext, context: ValidationContext) -> bool
     outcome: dict[str, object]
     try:
         target = resolve_target(worker.settings, *target_args)
-        report = with_file_id(await run_engine(context, sha256, target, progress), file_id)
-        outcome = {
-            "status": "succeeded",
-            "report": report,
-            "verdict": report["verdict"],
-            "lines_done": int(report.get("lines", 0)),
-            "finished_at": utcnow(),
-        }
+        outcome = succeeded_values(await run_engine(context, sha256, target, progress), file_id)
     except ValidationCancelled:
         outcome = {"status": "cancelled", "finished_at": utcnow()}
     except _LeaseLost:
