@@ -158,6 +158,8 @@ def test_the_tuned_model_is_listed_answers_what_it_learned_and_can_be_deleted(
     assert base.choices[0].message.content == "Echo: Capital of country 3?"
     checkpoint = f"{name}:ckpt-step-50"
     assert client.chat.completions.create(model=checkpoint, messages=asked).model == checkpoint
+    with pytest.raises(openai.NotFoundError):  # no checkpoint at step 55
+        client.chat.completions.create(model=f"{name}:ckpt-step-55", messages=asked)
     with pytest.raises(openai.BadRequestError, match="already succeeded"):
         client.fine_tuning.jobs.cancel(finished_job.job.id)
 
@@ -377,6 +379,14 @@ def test_faults_chosen_at_start_from_cli_names() -> None:
     assert config == FaultConfig(rate_limit=2, slow_seconds=0.5, training_not_available=True)
     with pytest.raises(ValueError, match="unknown fault"):
         FaultConfig.from_cli(["meteor_strike"])
+    for bad, reason in [
+        ("rate_limit=-1", "'rate_limit' must be an integer >= 0."),
+        ("rate_limit=many", "expected an integer"),
+        ("slow=soon", "expected a number"),
+        ("outage=maybe", "expected true or false"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"invalid fault '{bad}': {reason}")):
+            FaultConfig.from_cli([bad])
     app = create_emulator_app(faults=FaultConfig.from_cli(["server_error"]))
     with TestClient(app, headers={"Authorization": "Bearer x"}) as http:
         assert http.get("/v1/models").status_code == 500
@@ -394,6 +404,8 @@ def test_the_cli_command_refuses_bad_options_before_serving() -> None:
     assert CliRunner().invoke(command, ["--speed", "0"]).exit_code == 2
     refused = CliRunner().invoke(command, ["--fault", "rate_limit=2", "--fault", "meteor"])
     assert refused.exit_code == 2 and "unknown fault" in refused.output
+    negative = CliRunner().invoke(command, ["--fault", "rate_limit=-1"])
+    assert negative.exit_code == 2 and "invalid fault 'rate_limit=-1'" in negative.output
 
 
 @pytest.mark.parametrize("speed", [1.0, 10.0])

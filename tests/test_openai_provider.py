@@ -102,6 +102,21 @@ async def finished(provider: Provider, job_id: str) -> ProviderJob:
     return await wait_for(terminal, f"{job_id} to finish")
 
 
+async def new_job(provider: Provider, training_file: str, **changes: Any) -> ProviderJob:
+    """`provider.create_job` of gpt-4o-mini with every optional argument unset but `changes`."""
+    arguments: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "training_file": training_file,
+        "validation_file": None,
+        "method": None,
+        "hyperparameters": None,
+        "suffix": None,
+        "seed": None,
+        "metadata": {},
+    }
+    return await provider.create_job(**(arguments | changes))
+
+
 @dataclass
 class FinishedJob:
     created: ProviderJob
@@ -110,12 +125,10 @@ class FinishedJob:
 
 @pytest.fixture(scope="module")
 async def finished_job(provider: OpenAIProvider, training_file: str) -> FinishedJob:
-    created = await provider.create_job(
-        model="gpt-4o-mini",
-        training_file=training_file,
-        validation_file=None,
+    created = await new_job(
+        provider,
+        training_file,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10}}},
-        hyperparameters=None,
         suffix="provider-test",
         seed=7,
         metadata={"tunegate_job_id": "ftjob-x"},
@@ -152,14 +165,10 @@ async def test_find_job_by_metadata_returns_the_newest_of_several_tagged_jobs(
     made = []
     for _ in range(2):
         made.append(
-            await provider.create_job(
+            await new_job(
+                provider,
+                training_file,
                 model="gpt-4.1-nano-2025-04-14",
-                training_file=training_file,
-                validation_file=None,
-                method=None,
-                hyperparameters=None,
-                suffix=None,
-                seed=None,
                 metadata={"tunegate_job_id": "ftjob-twice", "team": "search"},
             )
         )
@@ -213,14 +222,11 @@ async def test_pause_resume_and_cancel_a_running_job(
     provider: OpenAIProvider, training_file: str
 ) -> None:
     assert provider.supports_pause
-    job = await provider.create_job(
+    job = await new_job(
+        provider,
+        training_file,
         model="gpt-4o-mini-2024-07-18",
-        training_file=training_file,
-        validation_file=None,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}},
-        hyperparameters=None,
-        suffix=None,
-        seed=None,
         metadata={"tunegate_job_id": "ftjob-pause"},
     )
     with pytest.raises(ProviderBadRequest, match="only running jobs") as early:
@@ -377,16 +383,7 @@ async def test_training_not_available_is_a_terminal_permission_error(
 ) -> None:
     emulator.faults(training_not_available=True)
     with pytest.raises(ProviderPermissionDenied) as refused:
-        await provider.create_job(
-            model="gpt-4o-mini",
-            training_file=training_file,
-            validation_file=None,
-            method=None,
-            hyperparameters=None,
-            suffix=None,
-            seed=None,
-            metadata={"tunegate_job_id": "ftjob-refused"},
-        )
+        await new_job(provider, training_file, metadata={"tunegate_job_id": "ftjob-refused"})
     error = refused.value
     assert error.code == "training_not_available" and error.retryable is False
     assert error.status == 403 and error.message.startswith("Fine-tuning is not available")
@@ -395,16 +392,7 @@ async def test_training_not_available_is_a_terminal_permission_error(
 
 async def test_bad_job_requests_and_unknown_jobs_are_terminal(provider: OpenAIProvider) -> None:
     with pytest.raises(ProviderBadRequest) as unknown_file:
-        await provider.create_job(
-            model="gpt-4o-mini",
-            training_file="file-doesnotexist",
-            validation_file=None,
-            method=None,
-            hyperparameters=None,
-            suffix=None,
-            seed=None,
-            metadata={},
-        )
+        await new_job(provider, "file-doesnotexist")
     assert unknown_file.value.param == "training_file" and not unknown_file.value.retryable
     with pytest.raises(ProviderNotFound) as missing:
         await provider.retrieve_job("ftjob-doesnotexist")

@@ -262,26 +262,31 @@ def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None)
 
     `headers` should be case-insensitive (httpx/httpx2 `Headers`); lower-case names are used.
     """
-    candidates: list[float] = []
+    seconds = _requested_wait(headers, now)
+    if seconds is not None and math.isfinite(seconds) and 0 <= seconds <= MAX_RETRY_AFTER_SECONDS:
+        return seconds
+    return None
+
+
+def _requested_wait(headers: Mapping[str, str], now: float | None) -> float | None:
+    """The first of the headers that parses, in seconds, however large or small."""
     milliseconds = headers.get("retry-after-ms")
     if milliseconds is not None:
         try:
-            candidates.append(float(milliseconds) / 1000)
+            return float(milliseconds) / 1000
         except ValueError:
             pass
     value = headers.get("retry-after")
-    if not candidates and value is not None:
-        try:
-            candidates.append(float(value))
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(value)
-            except (TypeError, ValueError, IndexError):
-                when = None
-            if when is not None and when.tzinfo is not None:
-                reference = time.time() if now is None else now
-                candidates.append(max(0.0, when.timestamp() - reference))
-    for seconds in candidates:
-        if math.isfinite(seconds) and 0 <= seconds <= MAX_RETRY_AFTER_SECONDS:
-            return seconds
-    return None
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

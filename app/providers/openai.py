@@ -27,6 +27,7 @@ import asyncio
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -216,10 +217,12 @@ class OpenAIProvider(Provider):
             if size > DIRECT_UPLOAD_MAX_BYTES:
                 return await self._upload_in_parts(filename, path, purpose, size)
             # A retry inside the SDK would resend an already consumed file object: none here.
-            client = self._client.with_options(max_retries=0) if self._client.max_retries else None
+            client = self._client
+            if client.max_retries:
+                client = client.with_options(max_retries=0)
             handle = await asyncio.to_thread(path.open, "rb")
             try:
-                created = await (client or self._client).files.create(
+                created = await client.files.create(
                     file=(filename, handle), purpose=cast(Any, purpose)
                 )
             finally:
@@ -395,16 +398,7 @@ class OpenAIProvider(Provider):
                         shutdown[model.id] = date
         except ProviderError:
             pass  # the static table stands on its own; retirement dates are a bonus
-        return [
-            BaseModelInfo(
-                id=info.id,
-                context_limit=info.context_limit,
-                training_usd_per_1m=info.training_usd_per_1m,
-                methods=info.methods,
-                shutdown_date=shutdown.get(info.id),
-            )
-            for info in OPENAI_BASE_MODELS
-        ]
+        return [replace(info, shutdown_date=shutdown.get(info.id)) for info in OPENAI_BASE_MODELS]
 
     # Chat
 

@@ -15,15 +15,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Message, Receive, Scope, Send
 
 from app.providers.emulator.errors import (
     EmulatorError,
     bad_request,
-    error_body,
     invalid_url,
     missing_parameter,
     server_error,
@@ -197,27 +196,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
-async def _emulator_error(request: Request, exc: Exception) -> JSONResponse:
+async def _emulator_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmulatorError)
     return exc.response()
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         return invalid_url(request.method, request.url.path).response()
-    body = error_body(str(exc.detail))
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    return EmulatorError(exc.status_code, str(exc.detail), headers=headers).response()
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     return bad_request(f"Invalid request: {first.get('msg', 'bad input')}", param=param).response()
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return server_error().response()
 
 

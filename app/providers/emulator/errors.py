@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from app.kit.errors import error_body, error_response
 
 
 class EmulatorError(Exception):
@@ -35,18 +37,8 @@ class EmulatorError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
-
-
-def error_body(
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    def response(self) -> Response:
+        return error_response(self.status_code, self.body(), self.headers)
 
 
 def bad_request(

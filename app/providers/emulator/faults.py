@@ -10,7 +10,7 @@ at run time with `POST /_emulator/faults` and cleared with `DELETE /_emulator/fa
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
@@ -52,7 +52,11 @@ class FaultConfig:
                 default = True
             elif name == "slow_seconds":
                 default = DEFAULT_SLOW_SECONDS
-            config.update({name: _parse_cli_value(value, default) if value else default})
+            try:
+                config.update({name: _parse_cli_value(value, default) if value else default})
+            except (ValueError, EmulatorError) as exc:
+                reason = exc.message if isinstance(exc, EmulatorError) else str(exc)
+                raise ValueError(f"invalid fault {spec!r}: {reason}") from None
         return config
 
     def update(self, changes: dict[str, Any]) -> None:
@@ -80,10 +84,16 @@ class FaultConfig:
 
 def _parse_cli_value(value: str, default: Any) -> Any:
     if isinstance(default, bool):
-        return value.lower() in {"1", "true", "yes", "on"}
-    if isinstance(default, float):
-        return float(value)
-    return int(value)
+        if value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError("expected true or false")
+    try:
+        return float(value) if isinstance(default, float) else int(value)
+    except ValueError:
+        kind = "a number" if isinstance(default, float) else "an integer"
+        raise ValueError(f"expected {kind}") from None
 
 
 class Fault(Enum):
@@ -99,18 +109,18 @@ class FaultState:
 
     def __init__(self, config: FaultConfig | None = None) -> None:
         self._lock = threading.Lock()
-        self._config = FaultConfig(**(config or FaultConfig()).as_dict())
+        self._config = replace(config or FaultConfig())
 
     def snapshot(self) -> FaultConfig:
         with self._lock:
-            return FaultConfig(**self._config.as_dict())
+            return replace(self._config)
 
     def update(self, changes: dict[str, Any]) -> FaultConfig:
         with self._lock:
-            candidate = FaultConfig(**self._config.as_dict())
+            candidate = replace(self._config)
             candidate.update(changes)  # raises before anything changes
             self._config = candidate
-            return FaultConfig(**candidate.as_dict())
+            return replace(candidate)
 
     def clear(self) -> FaultConfig:
         with self._lock:

@@ -27,12 +27,12 @@ from app.providers.emulator.params import json_object, optional_int, optional_ob
 from app.providers.emulator.state import EmulatorState, random_id
 from app.providers.emulator.training_data import (
     CHAT_ROLES,
+    TOKEN,
     count_tokens,
-    message_text,
+    last_prompt,
     messages_tokens,
 )
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
 _PIECE = re.compile(r"\s*\S+|\s+$")
 FINGERPRINT = "fp_emulator"
 
@@ -52,7 +52,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _truncate(text: str, limit: int | None) -> tuple[str, bool]:
     if limit is None:
         return text, False
-    tokens = list(_TOKEN.finditer(text))
+    tokens = list(TOKEN.finditer(text))
     if len(tokens) <= limit:
         return text, False
     return (text[: tokens[limit - 1].end()] if limit else ""), True
@@ -104,8 +104,7 @@ def chat_router(state: EmulatorState) -> APIRouter:
         choices = optional_int(body, "n") or 1
         if not 1 <= choices <= 128:
             raise invalid_value("n", "expected a value between 1 and 128.")
-        prompts = [m for m in messages if m.get("role") == "user"]
-        prompt = message_text(prompts[-1].get("content")) if prompts else ""
+        prompt = last_prompt(messages) or ""
         answer = answers.get(prompt, f"Echo: {prompt}")
         content, truncated = _truncate(_stop(answer, body.get("stop")), limit)
         finish_reason = "length" if truncated else "stop"

@@ -80,18 +80,24 @@ def jobs_router(state: EmulatorState) -> APIRouter:
         if job.clock.paused:
             job.clock.pauses[-1].ended = now
         job.clock.stopped = now
-        state.status_changed()
+        state.job_ended(job, now)
         return job_json(job, now, organization)
+
+    def job_to(action: str, job_id: str, now: float, only: str) -> StoredJob:
+        """The job, if its status is `only` (the one status in which `action` is allowed)."""
+        job = get_job(job_id)
+        status = job_status(job, now)
+        if status != only:
+            raise bad_request(
+                f"Cannot {action} job {job.id} with status {status}: only {only} jobs can be "
+                f"{action}d."
+            )
+        return job
 
     @router.post("/{fine_tuning_job_id}/pause")
     async def pause(fine_tuning_job_id: str) -> dict[str, Any]:
         now = state.tick()
-        job = get_job(fine_tuning_job_id)
-        status = job_status(job, now)
-        if status != "running":
-            raise bad_request(
-                f"Cannot pause job {job.id} with status {status}: only running jobs can be paused."
-            )
+        job = job_to("pause", fine_tuning_job_id, now, only="running")
         job.add_event("Fine-tuning job paused", now)
         job.clock.pauses.append(Pause(started=now, progress=job.clock.progress(now)))
         return job_json(job, now, organization)
@@ -99,12 +105,7 @@ def jobs_router(state: EmulatorState) -> APIRouter:
     @router.post("/{fine_tuning_job_id}/resume")
     async def resume(fine_tuning_job_id: str) -> dict[str, Any]:
         now = state.tick()
-        job = get_job(fine_tuning_job_id)
-        status = job_status(job, now)
-        if status != "paused":
-            raise bad_request(
-                f"Cannot resume job {job.id} with status {status}: only paused jobs can be resumed."
-            )
+        job = job_to("resume", fine_tuning_job_id, now, only="paused")
         job.clock.pauses[-1].ended = now
         job.add_event("Fine-tuning job resumed", now)
         return job_json(job, now, organization)

@@ -1,9 +1,10 @@
 """Everything the emulator knows, in memory: files, jobs, fine-tuned models, request counts.
 
 One `EmulatorState` per app. Handlers run on one event loop and never await while changing it,
-so no lock is needed. `refresh(now)` runs before every API request: it gives jobs that have
-finished since the last look their result file and their model, so `/v1/models` and
-`/v1/files` show them even if nobody polled the job.
+so no lock is needed. `refresh(now)` runs before every API request (and in the webhook loop): it
+gives jobs that have succeeded since the last look their result file and their model, so
+`/v1/models` and `/v1/files` show them even if nobody polled the job, and tells `end_listeners`
+about every job that has ended.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.providers.emulator.faults import FaultConfig, FaultState
-from app.providers.emulator.lifecycle import Clock, JobPlan, result_csv
-from app.providers.emulator.timeline import finished_at, job_checkpoints, job_status
+from app.providers.emulator.lifecycle import VALIDATING_SECONDS, Clock, JobPlan, result_csv
+from app.providers.emulator.timeline import (
+    ACTIVE_STATUSES,
+    finished_at,
+    job_checkpoints,
+    job_status,
+)
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -113,10 +119,11 @@ class EmulatorState:
     models: dict[str, FineTunedModel] = field(default_factory=dict)
     deleted_models: set[str] = field(default_factory=set)
     requests: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
-    status_listeners: list[Callable[[], None]] = field(default_factory=list)
-    """Told when a call (not the clock) ends a job, so a cancel is announced at once."""
+    end_listeners: list[Callable[[StoredJob, float], None]] = field(default_factory=list)
+    """Told once per job, with the time it was noticed, when it succeeds, fails or is cancelled."""
     finishing: list[tuple[float, str]] = field(default_factory=list)
-    """A heap of (wall-clock finish time, job id) of jobs not yet given their results."""
+    """A heap of (wall-clock time the job ends by itself, job id) of jobs not yet ended."""
+    jobs_by_short_id: dict[str, StoredJob] = field(default_factory=dict)
 
     @classmethod
     def create(cls, speed: float, organization: str, faults: FaultConfig | None) -> EmulatorState:
@@ -139,9 +146,9 @@ class EmulatorState:
         ]
         return {"object": "list", "data": data, "total": sum(d["count"] for d in data)}
 
-    def status_changed(self) -> None:
-        for listener in self.status_listeners:
-            listener()
+    def job_ended(self, job: StoredJob, now: float) -> None:
+        for listener in self.end_listeners:
+            listener(job, now)
 
     def tick(self) -> float:
         """The current time, with every job's finishing touches applied up to it."""
@@ -151,46 +158,50 @@ class EmulatorState:
 
     def add_job(self, job: StoredJob) -> None:
         self.jobs[job.id] = job
-        if job.plan is not None and job.failure is None:
-            heapq.heappush(self.finishing, (job.clock.wall_at(job.plan.finishes_at), job.id))
+        self.jobs_by_short_id[job.short_id] = job
+        heapq.heappush(self.finishing, (_ends_at(job), job.id))
 
     def refresh(self, now: float) -> None:
-        """Give jobs that have succeeded by `now` their result file and fine-tuned model.
+        """Give jobs that have succeeded by `now` their result file and fine-tuned model, and
+        tell `end_listeners` about jobs that have succeeded or failed.
 
-        Only jobs whose finishing time has come are looked at (a heap by wall-clock finish), so
-        a request costs the same with ten jobs or ten thousand. A pause moves the finish later:
-        such a job is put back with its new time."""
+        Only jobs whose end has come are looked at (a heap by wall-clock end), so a request
+        costs the same with ten jobs or ten thousand. A pause moves the end later: such a job
+        is put back with its new time. A cancel announces itself (`job_ended`)."""
         while self.finishing and self.finishing[0][0] <= now:
             _, job_id = heapq.heappop(self.finishing)
-            job = self.jobs.get(job_id)
-            if job is None or job.result_file_id is not None or job.plan is None:
-                continue
+            job = self.jobs[job_id]
             status = job_status(job, now)
-            if status in {"queued", "running", "paused", "validating_files"}:
-                later = job.clock.wall_at(job.plan.finishes_at)
-                heapq.heappush(self.finishing, (max(later, now + 0.5), job_id))
+            if status in ACTIVE_STATUSES:
+                heapq.heappush(self.finishing, (max(_ends_at(job), now + 0.5), job_id))
                 continue
-            if status != "succeeded":
+            if status == "cancelled":
                 continue
-            done = int(finished_at(job, now) or now)
-            content = result_csv(job.seed, job.plan)
-            result = self.add_file("step_metrics.csv", "fine-tune-results", content, done)
-            job.result_file_id = result.id
-            name = job.model_name(self.organization)
-            if name not in self.deleted_models:
-                self.models[name] = FineTunedModel(name, done, self.organization, job.id)
+            if status == "succeeded" and job.plan is not None:
+                done = int(finished_at(job, now) or now)
+                content = result_csv(job.seed, job.plan)
+                result = self.add_file("step_metrics.csv", "fine-tune-results", content, done)
+                job.result_file_id = result.id
+                name = job.model_name(self.organization)
+                if name not in self.deleted_models:
+                    self.models[name] = FineTunedModel(name, done, self.organization, job.id)
+            self.job_ended(job, now)
 
     def job_for_model(self, model: str, now: float) -> StoredJob | None:
         """The succeeded job behind a fine-tuned model or one of its checkpoints."""
         if model in self.models:
             return self.jobs.get(self.models[model].job_id)
-        if ":ckpt-step-" not in model:
+        # `<model name>:ckpt-step-<n>`, and a model name ends with the job's short id.
+        name, marker, _ = model.rpartition(":ckpt-step-")
+        job = self.jobs_by_short_id.get(name.rpartition(":")[2]) if marker else None
+        if job is None or job.model_name(self.organization) != name:
             return None
-        for job in self.jobs.values():
-            if model.startswith(job.model_name(self.organization) + ":"):
-                names = {
-                    c["fine_tuned_model_checkpoint"]
-                    for c in job_checkpoints(job, now, self.organization)
-                }
-                return job if model in names else None
-        return None
+        checkpoints = job_checkpoints(job, now, self.organization)
+        return job if any(c["fine_tuned_model_checkpoint"] == model for c in checkpoints) else None
+
+
+def _ends_at(job: StoredJob) -> float:
+    """When (wall clock, pauses so far included) the job succeeds or fails unless cancelled."""
+    if job.plan is None or job.failure is not None:
+        return job.clock.wall_at(VALIDATING_SECONDS)
+    return job.clock.wall_at(job.plan.finishes_at)

@@ -20,7 +20,8 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "fun
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_EXAMPLE = 3
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+TOKEN = re.compile(r"\w+|[^\w\s]")
+"""What the emulator counts as one token: a word or a punctuation mark."""
 
 
 class InvalidTrainingFile(Exception):
@@ -43,7 +44,7 @@ class TrainingData:
 
 
 def count_tokens(text: str) -> int:
-    return len(_TOKEN.findall(text))
+    return len(TOKEN.findall(text))
 
 
 def message_text(content: Any) -> str:
@@ -132,7 +133,8 @@ def _check_messages(number: int, messages: Any, where: str) -> list[dict[str, An
     return messages
 
 
-def _last_prompt(messages: list[dict[str, Any]]) -> str | None:
+def last_prompt(messages: list[dict[str, Any]]) -> str | None:
+    """The text of the last user message, None without one."""
     prompts = [m for m in messages if m.get("role") == "user"]
     return message_text(prompts[-1].get("content")) if prompts else None
 
@@ -198,4 +200,4 @@ def _check_preference(number: int, example: dict[str, Any]) -> tuple[str | None,
             )
         outputs.append(message_text(output[-1].get("content")))
         tokens += messages_tokens(output)
-    return _last_prompt(messages), outputs[0], tokens
+    return last_prompt(messages), outputs[0], tokens

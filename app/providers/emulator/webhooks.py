@@ -1,12 +1,13 @@
 """Outbound webhooks, sent as OpenAI sends them when a fine-tuning job finishes.
 
-A background task, started and stopped by the app's lifespan, looks at the jobs every
-`CHECK_INTERVAL_SECONDS` (and `POST .../cancel` makes it look at once): each job whose status has
-become `succeeded`, `failed` or `cancelled` since the last look yields one event,
-`fine_tuning.job.<status>`, POSTed to the configured URL with Standard Webhooks headers
-(`app.kit.signing`): signed when a secret is set, only `webhook-id` and `webhook-timestamp`
-when not. Each job is noticed once, whether or not a URL is set at that moment, so setting a URL
-later does not replay jobs that finished before it.
+A background task, started and stopped by the app's lifespan, lets the state notice jobs that
+have ended every `CHECK_INTERVAL_SECONDS` (`EmulatorState.refresh`, which only looks at jobs whose
+end has come; every API request does the same, and `POST .../cancel` announces at once): each
+job that becomes `succeeded`, `failed` or `cancelled` yields one event, `fine_tuning.job.<status>`,
+POSTed to the configured URL with Standard Webhooks headers (`app.kit.signing`): signed when a
+secret is set, only `webhook-id` and `webhook-timestamp` when not. Each job is noticed once,
+whether or not a URL is set at that moment, so setting a URL later does not replay jobs that
+finished before it.
 
 A delivery that fails (connection error, timeout or non-2xx answer) is tried `ATTEMPTS` times in
 all, the wait doubling from `FIRST_BACKOFF_SECONDS`, then dropped and logged. Retries keep the
@@ -94,11 +95,9 @@ class WebhookSender:
         self.state = state
         self.target = target
         self.sent: deque[dict[str, Any]] = deque(maxlen=SENT_KEPT)
-        self._noticed: set[str] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
         self._client: httpx2.AsyncClient | None = None
-        # A cancel is noticed by the call itself, with the target in force at that moment.
-        state.status_listeners.append(self.check)
+        state.end_listeners.append(self._job_ended)
 
     def as_json(self) -> dict[str, Any]:
         """What `GET /_emulator/webhooks` shows: never the secret, only whether one is set."""
@@ -127,28 +126,21 @@ class WebhookSender:
     async def _check_forever(self) -> None:
         while True:
             try:
-                self.check()
+                # Also when no URL is set: a job must be noticed when it ends, not replayed later.
+                self.state.tick()
             except Exception:
                 # One bad look must not end webhooks for the life of the emulator.
                 log.exception("emulator webhook check failed")
             await asyncio.sleep(CHECK_INTERVAL_SECONDS)
 
-    def check(self) -> None:
-        """Start one delivery for every job that has reached a terminal status since last time."""
-        now = self.state.clock()
-        for job in self.state.jobs.values():
-            if job.id in self._noticed:
-                continue
-            status = job_status(job, now)
-            if status not in EVENT_TYPES:
-                continue
-            self._noticed.add(job.id)
-            if self.target is None or self._client is None:
-                continue
-            event = _event(job, EVENT_TYPES[status], now)
-            task = asyncio.create_task(self._deliver(self._client, self.target, event, job.id))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+    def _job_ended(self, job: StoredJob, now: float) -> None:
+        """Start the delivery of a job's event, to the target in force at this moment."""
+        if self.target is None or self._client is None:
+            return
+        event = _event(job, EVENT_TYPES[job_status(job, now)], now)
+        task = asyncio.create_task(self._deliver(self._client, self.target, event, job.id))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     async def _deliver(
         self,
