@@ -336,10 +336,9 @@ def files_upload(
     base_url: BaseUrlOption = "http://127.0.0.1:8000",
 ) -> None:
     """Upload a file with a progress bar (files over 512 MB go through the Uploads API)."""
-    import httpx2
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from app.files.client import TunegateClient, TunegateError
+    from app.files.client import TunegateClient
 
     client = TunegateClient(base_url, api_key)
     columns = (
@@ -348,18 +347,9 @@ def files_upload(
         DownloadColumn(),
         TransferSpeedColumn(),
     )
-    try:
-        with Progress(*columns, console=err) as progress:
-            task = progress.add_task(path.name, total=path.stat().st_size)
-            created = client.upload(path, purpose, lambda n: progress.advance(task, n))
-    except TunegateError as exc:
-        err.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from None
-    except (OSError, httpx2.TransportError) as exc:
-        err.print(f"[red]Cannot reach tunegate at {base_url}: {exc}[/red]")
-        raise typer.Exit(1) from None
-    finally:
-        client.close()
+    with closing(client), _talking_to(base_url), Progress(*columns, console=err) as progress:
+        task = progress.add_task(path.name, total=path.stat().st_size)
+        created = client.upload(path, purpose, lambda n: progress.advance(task, n))
     err.print(
         f"{created['id']}: {created['bytes']} bytes, format {created.get('format')}, "
         f"{created.get('examples')} examples"
@@ -447,21 +437,11 @@ def files_list(
     """List the project's files."""
     from datetime import UTC, datetime
 
-    import httpx2
-
-    from app.files.client import TunegateClient, TunegateError
+    from app.files.client import TunegateClient
 
     client = TunegateClient(base_url, api_key)
-    try:
+    with closing(client), _talking_to(base_url):
         files = client.list_files(purpose)
-    except TunegateError as exc:
-        err.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from None
-    except (OSError, httpx2.TransportError) as exc:
-        err.print(f"[red]Cannot reach tunegate at {base_url}: {exc}[/red]")
-        raise typer.Exit(1) from None
-    finally:
-        client.close()
     if as_json:
         typer.echo(json.dumps(files, indent=2, ensure_ascii=False))
         return

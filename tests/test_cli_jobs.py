@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from tests.datasets import adder_jsonl
 from tests.server import (
     RunningServer,
     free_port,
@@ -102,21 +103,7 @@ def tunegate(
 
 
 def write_examples(path: Path, count: int) -> Path:
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "system", "content": "You add numbers."},
-                        {"role": "user", "content": f"{i} + {i}?"},
-                        {"role": "assistant", "content": str(2 * i)},
-                    ]
-                }
-            )
-            + "\n"
-            for i in range(count)
-        )
-    )
+    path.write_bytes(adder_jsonl(count))
     return path
 
 

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from app.models import Scope
+from tests.datasets import adder_jsonl
 from tests.test_auth import assert_envelope
-
-
-def chat_file(n: int) -> bytes:
-    return b"".join(
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "system", "content": "Add numbers."},
-                    {"role": "user", "content": f"{i}+{i}"},
-                    {"role": "assistant", "content": str(2 * i)},
-                ]
-            }
-        ).encode()
-        + b"\n"
-        for i in range(n)
-    )
 
 
 class _StubProvider:
@@ -53,7 +36,7 @@ async def upload(api, content: bytes, purpose: str = "fine-tune") -> str:
 
 
 async def test_create_stores_the_job_as_openai_describes_it(api) -> None:
-    training = await upload(api, chat_file(20))
+    training = await upload(api, adder_jsonl(20))
     body = {
         "model": "gpt-4o-mini-2024-07-18",
         "training_file": training,
@@ -99,7 +82,7 @@ async def test_create_stores_the_job_as_openai_describes_it(api) -> None:
 
 
 async def test_files_used_by_unfinished_jobs_cannot_be_deleted(api) -> None:
-    training = await upload(api, chat_file(20))
+    training = await upload(api, adder_jsonl(20))
     job = (
         await api.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": training}
@@ -149,14 +132,14 @@ async def test_files_used_by_unfinished_jobs_cannot_be_deleted(api) -> None:
     ],
 )
 async def test_bad_job_requests_get_precise_answers(api, change, status, param) -> None:
-    training = await upload(api, chat_file(20))
+    training = await upload(api, adder_jsonl(20))
     body = {"model": "gpt-4o-mini", "training_file": training} | change
     error = assert_envelope(await api.post("/v1/fine_tuning/jobs", json=body), status)
     assert error["param"] == param, error
 
 
 async def test_invalid_files_are_refused_with_the_report_to_read(api) -> None:
-    too_few = await upload(api, chat_file(3))
+    too_few = await upload(api, adder_jsonl(3))
     error = assert_envelope(
         await api.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": too_few}
@@ -165,7 +148,7 @@ async def test_invalid_files_are_refused_with_the_report_to_read(api) -> None:
     )
     assert error["code"] == "invalid_training_file" and "too_few_examples" in error["message"]
     assert f"/v1/files/{too_few}/validations/" in error["message"]
-    batch = await upload(api, chat_file(20), purpose="batch")
+    batch = await upload(api, adder_jsonl(20), purpose="batch")
     error = assert_envelope(
         await api.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": batch}
@@ -177,7 +160,7 @@ async def test_invalid_files_are_refused_with_the_report_to_read(api) -> None:
         "/v1/fine_tuning/jobs",
         json={
             "model": "gpt-4o-mini",
-            "training_file": await upload(api, chat_file(20)),
+            "training_file": await upload(api, adder_jsonl(20)),
             "method": {"type": "dpo"},
         },
     )
@@ -192,7 +175,7 @@ async def test_budget_refusal_names_estimate_and_budget(api, client_for, factori
         f"/v1/projects/{admin.project.id}", json={"training_budget_usd": 0.0001}
     )
     assert updated.json()["training_budget_usd"] == 0.0001
-    training = await upload(writer, chat_file(40))
+    training = await upload(writer, adder_jsonl(40))
     error = assert_envelope(
         await writer.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o", "training_file": training}
@@ -207,7 +190,7 @@ async def test_without_a_provider_submission_says_what_to_configure(
 ):
     bare = app_factory()  # no providers configured
     api = client_for((await factories.key(scope=Scope.write)).key, target=bare)
-    training = await upload(api, chat_file(20))
+    training = await upload(api, adder_jsonl(20))
     error = assert_envelope(
         await api.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": training}
@@ -218,7 +201,7 @@ async def test_without_a_provider_submission_says_what_to_configure(
 
 
 async def test_jobs_are_private_to_their_project(api, client_for, factories) -> None:
-    training = await upload(api, chat_file(20))
+    training = await upload(api, adder_jsonl(20))
     job = (
         await api.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": training}
@@ -229,7 +212,7 @@ async def test_jobs_are_private_to_their_project(api, client_for, factories) -> 
         assert_envelope(await stranger.get(f"/v1/fine_tuning/jobs/{job['id']}{path}"), 404)
     assert_envelope(await stranger.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 404)
     assert (await stranger.get("/v1/fine_tuning/jobs")).json()["data"] == []
-    other_file = await upload(stranger, chat_file(20))
+    other_file = await upload(stranger, adder_jsonl(20))
     error = assert_envelope(
         await api.post(
             "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": other_file}
@@ -240,7 +223,7 @@ async def test_jobs_are_private_to_their_project(api, client_for, factories) -> 
 
 
 async def test_create_is_idempotent(api) -> None:
-    training = await upload(api, chat_file(20))
+    training = await upload(api, adder_jsonl(20))
     body = {"model": "gpt-4o-mini", "training_file": training}
     first = await api.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "job-1"})
     again = await api.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "job-1"})

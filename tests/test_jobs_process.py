@@ -3,7 +3,6 @@ the OpenAI emulator (`tunegate emulator`) on loopback."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.datasets import adder_jsonl
 from tests.server import (
     RunningServer,
     free_port,
@@ -79,21 +79,7 @@ def client(server: RunningServer) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def training_file(client: openai.OpenAI, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "system", "content": "You add numbers."},
-                        {"role": "user", "content": f"{i} + {i}?"},
-                        {"role": "assistant", "content": str(2 * i)},
-                    ]
-                }
-            )
-            + "\n"
-            for i in range(12)
-        )
-    )
+    path.write_bytes(adder_jsonl(12))
     with path.open("rb") as handle:
         return client.files.create(file=handle, purpose="fine-tune").id
 

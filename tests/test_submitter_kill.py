@@ -13,7 +13,6 @@ at once. The emulator runs in this process (`tests.emulator`) so its answers can
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.datasets import adder_jsonl
 from tests.emulator import Emulator, running_emulator
 from tests.server import (
     RunningServer,
@@ -83,17 +83,7 @@ def client(server: RunningServer) -> openai.OpenAI:
 @pytest.fixture
 def training_file(client: openai.OpenAI) -> str:
     """A new file for every test: one already at the provider would not be uploaded again."""
-    lines = [
-        {
-            "messages": [
-                {"role": "system", "content": "You add numbers."},
-                {"role": "user", "content": f"{i} + {i}?"},
-                {"role": "assistant", "content": str(2 * i)},
-            ]
-        }
-        for i in range(12)
-    ]
-    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    content = adder_jsonl(12)
     return client.files.create(file=("train.jsonl", content), purpose="fine-tune").id
 
 

@@ -21,6 +21,7 @@ from app.providers import budget
 from app.providers.openai import OpenAIProvider
 from app.workers.runner import WorkerContext
 from tests.conftest import make_settings
+from tests.datasets import adder_jsonl
 from tests.emulator import Emulator, running_emulator
 from tests.test_auth import assert_envelope
 
@@ -32,22 +33,6 @@ JOBS = {
     "sync_interval_queued": "PT0.05S",
     "provider_requests_per_second": 1000,
 }
-
-
-def chat_file(n: int) -> bytes:
-    return b"".join(
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "system", "content": "Add numbers."},
-                    {"role": "user", "content": f"{i}+{i}"},
-                    {"role": "assistant", "content": str(2 * i)},
-                ]
-            }
-        ).encode()
-        + b"\n"
-        for i in range(n)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +63,8 @@ async def api(client_for, factories):
 class Workers:
     """The submitter and the syncer of one process, stepped by the test."""
 
-    def __init__(self, app_factory, provider: OpenAIProvider) -> None:
-        settings = make_settings(data_dir=app_factory.data_dir, jobs=JOBS)
+    def __init__(self, app_factory, provider: OpenAIProvider, **jobs: Any) -> None:
+        settings = make_settings(data_dir=app_factory.data_dir, jobs=JOBS | jobs)
         self.context = WorkerContext(settings, app_factory.database)
         self.storage = app_factory.storage()
         self.providers = {"openai": provider}
@@ -111,7 +96,7 @@ def workers(app_factory, provider) -> Workers:
 
 async def create_job(api, n: int = 12, **extra: Any) -> dict:
     upload = await api.post(
-        "/v1/files", files={"file": ("t.jsonl", chat_file(n))}, data={"purpose": "fine-tune"}
+        "/v1/files", files={"file": ("t.jsonl", adder_jsonl(n))}, data={"purpose": "fine-tune"}
     )
     assert upload.status_code == 200, upload.text
     body = {"model": "gpt-4o-mini-2024-07-18", "training_file": upload.json()["id"], **extra}
@@ -382,3 +367,56 @@ async def test_a_base_model_shutting_down_soon_warns_at_job_creation(
     calm = await create_job(api)
     events = (await api.get(f"/v1/fine_tuning/jobs/{calm['id']}/events")).json()["data"]
     assert [e for e in events if e["level"] == "warn"] == []
+
+
+def test_metrics_keep_finite_numbers_only() -> None:
+    """PostgreSQL's jsonb has no NaN or infinity: such values are left out, not a failed sync."""
+    from app.jobs.syncer import _metric_rows, _metric_rows_from_csv
+    from app.providers.base import ProviderEvent
+
+    event = ProviderEvent(
+        id="ftevent-1",
+        created_at=1_700_000_000,
+        level="info",
+        message="Step 3",
+        type="metrics",
+        data={"step": 3, "total_steps": 9, "train_loss": 0.5, "valid_loss": float("nan"),
+              "train_mean_token_accuracy": float("inf"), "flag": True},
+    )  # fmt: skip
+    (row,) = _metric_rows("ftjob-x", [event])
+    assert row["step"] == 3 and row["values"] == {"train_loss": 0.5}
+    csv = b"step,train_loss,valid_loss\n1,0.9,NaN\n2,inf,0.7\nx,1,1\n"
+    rows = _metric_rows_from_csv("ftjob-x", csv)
+    assert [(r["step"], r["values"]) for r in rows] == [
+        (1, {"train_loss": 0.9}),
+        (2, {"valid_loss": 0.7}),
+    ]
+    assert _metric_rows_from_csv("ftjob-x", b"\xff\xfe not text") == []
+
+
+async def test_a_sweep_syncs_only_what_the_rate_budget_allows(
+    api, app_factory, provider, session
+) -> None:
+    # 3 requests per second: one sync's worth (its burst is one second, at least one sync).
+    workers = Workers(app_factory, provider, provider_requests_per_second=3, sync_concurrency=4)
+    first, second = await create_job(api), await create_job(api)
+    await workers.submit()
+    await workers.submit()
+    await session.execute(update(Job).values(sync_due_at=utcnow()))
+    await session.commit()
+    assert await workers.sweep() == 1
+    rows = {
+        job.id: job
+        for job in await session.scalars(
+            select(Job)
+            .where(Job.id.in_([first["id"], second["id"]]))
+            .execution_options(populate_existing=True)
+        )
+    }
+    synced = [j for j in rows.values() if j.last_synced_at is not None]
+    waiting = [j for j in rows.values() if j.last_synced_at is None]
+    assert len(synced) == 1 and len(waiting) == 1
+    # The job left over went back as it was: due, not leased, so the next sweep takes it.
+    assert waiting[0].sync_lease_until is None and waiting[0].sync_due_at <= utcnow()
+    await asyncio.sleep(1.1)
+    assert await workers.sweep() == 1

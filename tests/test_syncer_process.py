@@ -29,6 +29,7 @@ import openai
 import pytest
 
 from app.kit import signing
+from tests.datasets import adder_jsonl
 from tests.emulator import Emulator, running_emulator
 from tests.server import RunningServer, separate_database, start_server, wait_for, worker_process
 
@@ -81,16 +82,7 @@ def client(server: RunningServer) -> openai.OpenAI:
 
 
 def training_file(client: openai.OpenAI, n: int) -> str:
-    lines = [
-        {
-            "messages": [
-                {"role": "user", "content": f"{i} + {n}?"},
-                {"role": "assistant", "content": str(i + n)},
-            ]
-        }
-        for i in range(n)
-    ]
-    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    content = adder_jsonl(n, shift=n)
     return client.files.create(file=("train.jsonl", content), purpose="fine-tune").id
 
 

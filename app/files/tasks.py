@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import text
 
 from app.files.repository import BlobRepository, MaintenanceRepository
 from app.files.storage import BlobStorage
-from app.jobs.provider_webhooks import purge_receipts
+from app.jobs.repository import WebhookReceipts
 from app.kit import idempotency
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
@@ -42,7 +42,9 @@ class RoundReport:
     files_expired: int = 0
     blobs_collected: int = 0
     spool_files_removed: int = 0
-    errors: list[str] = field(default_factory=list)
+
+    def did_work(self) -> bool:
+        return any(vars(self).values())
 
 
 async def run_round(context: WorkerContext, storage: BlobStorage) -> RoundReport | None:
@@ -68,10 +70,11 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
     sessionmaker = context.database.sessionmaker
     now = utcnow()
     async with sessionmaker() as session, session.begin():
-        report.uploads_expired = await MaintenanceRepository(session).expire_uploads(now)
-        report.files_expired = await MaintenanceRepository(session).delete_expired_files(now, BATCH)
+        maintenance = MaintenanceRepository(session)
+        report.uploads_expired = await maintenance.expire_uploads(now)
+        report.files_expired = await maintenance.delete_expired_files(now, BATCH)
         report.idempotency_keys_purged = await idempotency.purge_expired(session)
-        report.webhook_receipts_purged = await purge_receipts(session)
+        report.webhook_receipts_purged = await WebhookReceipts(session).purge(now)
 
     async with sessionmaker() as session:
         finished = await MaintenanceRepository(session).finished_uploads_to_purge(BATCH)
@@ -81,8 +84,9 @@ async def _round(context: WorkerContext, storage: BlobStorage) -> RoundReport:
         for key in keys:
             await storage.delete(key)
         async with sessionmaker() as session, session.begin():
-            await MaintenanceRepository(session).delete_parts(upload_id)
-            await MaintenanceRepository(session).mark_purged(upload_id, utcnow())
+            maintenance = MaintenanceRepository(session)
+            await maintenance.delete_parts(upload_id)
+            await maintenance.mark_purged(upload_id, utcnow())
         report.uploads_purged += 1
 
     seen_before = now - settings.blob_gc_grace
@@ -113,18 +117,8 @@ async def maintenance_loop(context: WorkerContext, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             report = await run_round(context, storage)
-            if report is not None and any(
-                (
-                    report.idempotency_keys_purged,
-                    report.webhook_receipts_purged,
-                    report.uploads_expired,
-                    report.uploads_purged,
-                    report.files_expired,
-                    report.blobs_collected,
-                    report.spool_files_removed,
-                )
-            ):
-                log.info("maintenance round", **report.__dict__)
+            if report is not None and report.did_work():
+                log.info("maintenance round", **vars(report))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx2
 
 from app.files.client import TunegateError
+from app.providers.base import retry_after_seconds
 
 JOBS = "/v1/fine_tuning/jobs"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -61,20 +62,13 @@ class RetryPolicy:
         return max(base, retry_after or 0.0) * random.uniform(1.0, 1.25)
 
 
-def _retry_after(response: httpx2.Response) -> float | None:
-    try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:  # absent, or an HTTP date: use our own backoff
-        return None
-
-
 def _answer(response: httpx2.Response) -> Any:
     try:
         body = response.json()
     except ValueError:
         body = None
     if response.status_code >= 400:
-        raise JobsError(response.status_code, body, _retry_after(response))
+        raise JobsError(response.status_code, body, retry_after_seconds(response.headers))
     return body
 
 

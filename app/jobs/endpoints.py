@@ -26,7 +26,6 @@ from app.kit import idempotency
 from app.kit.errors import InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import AfterQuery, ListPage, Order, PageParams, to_page
-from app.kit.time import to_unix
 from app.models import Job, JobCheckpoint, JobEvent, JobMetric
 
 router = APIRouter(
@@ -149,17 +148,7 @@ async def list_fine_tuning_events(
     repository = JobEventRepository(session, principal.project_id)
     statement = repository.select().where(JobEvent.job_id == fine_tuning_job_id)
     rows, has_more = await repository.paginate(statement, page)
-    items = [
-        JobEventObject(
-            id=row.id,
-            created_at=to_unix(row.created_at) or 0,
-            level=row.level if row.level in {"info", "warn", "error"} else "info",
-            message=row.message,
-            type="metrics" if row.type == "metrics" else "message",
-            data=row.data,
-        )
-        for row in rows
-    ]
+    items = [JobEventObject.of(row) for row in rows]
     return to_page(items, has_more, lambda e: e.id)
 
 
@@ -174,17 +163,7 @@ async def list_fine_tuning_checkpoints(
     repository = JobCheckpointRepository(session, principal.project_id)
     statement = repository.select().where(JobCheckpoint.job_id == fine_tuning_job_id)
     rows, has_more = await repository.paginate(statement, page)
-    items = [
-        JobCheckpointObject(
-            id=row.id,
-            created_at=to_unix(row.created_at) or 0,
-            fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
-            fine_tuning_job_id=row.job_id,
-            metrics=row.metrics,
-            step_number=row.step_number,
-        )
-        for row in rows
-    ]
+    items = [JobCheckpointObject.of(row) for row in rows]
     return to_page(items, has_more, lambda c: c.id)
 
 

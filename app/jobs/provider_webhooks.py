@@ -10,24 +10,19 @@ provider does not retry it; a bad or stale signature is a 400.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
-from sqlalchemy import delete
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.jobs.repository import SyncQueue
+from app.jobs.repository import SyncQueue, WebhookReceipts
 from app.kit import signing
 from app.kit.errors import BadRequest
 from app.kit.http import ERROR_RESPONSES
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
-from app.models import ProviderWebhookReceipt
 
 log = get_logger("tunegate.jobs.provider_webhooks")
 
@@ -36,7 +31,6 @@ router = APIRouter(
 )
 
 TOLERANCE_SECONDS = 300
-RECEIPTS_KEPT = timedelta(days=1)
 JOB_EVENT_PREFIX = "fine_tuning.job."
 
 
@@ -87,7 +81,7 @@ async def openai_webhook(request: Request) -> WebhookAck:
 
     sessionmaker = request.app.state.database.sessionmaker
     async with sessionmaker() as session, session.begin():
-        first = await _first_time(session, "openai", webhook_id)
+        first = await WebhookReceipts(session).first_time("openai", webhook_id, utcnow())
         if not first:
             return WebhookAck(outcome="duplicate")
         if not isinstance(kind, str) or not kind.startswith(JOB_EVENT_PREFIX):
@@ -100,22 +94,3 @@ async def openai_webhook(request: Request) -> WebhookAck:
         return WebhookAck(outcome="ignored_unknown_job")
     log.info("provider webhook: sync requested", job_id=job_id, type=kind)
     return WebhookAck(outcome="sync_requested", fine_tuning_job_id=job_id)
-
-
-async def _first_time(session: AsyncSession, provider: str, webhook_id: str) -> bool:
-    inserted = await session.scalar(
-        insert(ProviderWebhookReceipt)
-        .values(provider=provider, webhook_id=webhook_id[:256], received_at=utcnow())
-        .on_conflict_do_nothing()
-        .returning(ProviderWebhookReceipt.webhook_id)
-    )
-    return inserted is not None
-
-
-async def purge_receipts(session: AsyncSession) -> int:
-    result = await session.execute(
-        delete(ProviderWebhookReceipt).where(
-            ProviderWebhookReceipt.received_at < utcnow() - RECEIPTS_KEPT
-        )
-    )
-    return int(getattr(result, "rowcount", 0) or 0)

@@ -2,22 +2,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db.base import Base
 from app.db.repository import ProjectScopedRepository, Repository
 from app.jobs.state import ACTIVE
-from app.models import Job, JobCheckpoint, JobEvent
+from app.kit.time import utcnow
+from app.models import FineTunedModel, Job, JobCheckpoint, JobEvent, ProviderWebhookReceipt
 
 
 class JobRepository(ProjectScopedRepository[Job]):
     model = Job
-
-    async def get_for_update(self, job_id: str) -> Job | None:
-        found: Job | None = await self.session.scalar(
-            self.select().where(Job.id == job_id).with_for_update()
-        )
-        return found
 
     async def active_jobs_using(self, file_id: str) -> Sequence[str]:
         rows = await self.session.scalars(
@@ -98,6 +97,14 @@ class SyncQueue(Repository[Job]):
         await self.session.flush()
         return claimed
 
+    async def release(self, job_ids: list[str], lease_until: datetime) -> None:
+        """Give claimed jobs back untouched (still due), where the lease is still ours."""
+        await self.session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.sync_lease_until == lease_until)
+            .values(sync_lease_until=None)
+        )
+
     async def get_leased(self, job_id: str, lease_until: datetime) -> Job | None:
         """The job, locked, only while the lease we took is still ours."""
         found: Job | None = await self.session.scalar(
@@ -134,3 +141,84 @@ def schedule_now(job: Job, now: datetime) -> None:
     this is asked runs once more after it (it sees `sync_requested_at` newer than its claim)."""
     job.sync_requested_at = now
     job.sync_due_at = now - REQUESTED_HEAD_START
+
+
+# Core inserts executed with a list of rows: one cached statement, batched by SQLAlchemy's
+# "insertmanyvalues" (a multi-row VALUES built per call is not cached and cost more CPU than the
+# rest of a sync together).
+_TABLES = Base.metadata.tables
+_EVENTS_INSERT = insert(_TABLES["job_events"]).on_conflict_do_nothing(
+    index_elements=["job_id", "provider_event_id"],
+    index_where=_TABLES["job_events"].c.provider_event_id.is_not(None),
+)
+_CHECKPOINTS_INSERT = insert(_TABLES["job_checkpoints"]).on_conflict_do_nothing()
+_METRICS_INSERT = insert(_TABLES["job_metrics"]).on_conflict_do_nothing()
+
+
+class SyncWriter:
+    """What the syncer writes for a job it holds: provider events, checkpoints and metrics,
+    each stored once (conflicts on their unique keys are ignored), and the fine-tuned model."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def last_provider_event_at(self, job_id: str) -> datetime | None:
+        found: datetime | None = await self.session.scalar(
+            select(func.max(JobEvent.created_at)).where(
+                JobEvent.job_id == job_id, JobEvent.provider_event_id.is_not(None)
+            )
+        )
+        return found
+
+    async def add_events(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(_EVENTS_INSERT, rows)
+
+    async def add_checkpoints(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(_CHECKPOINTS_INSERT, rows)
+
+    async def add_metrics(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(_METRICS_INSERT, rows)
+
+    async def add_fine_tuned_model(self, job: Job, model_id: str) -> None:
+        await self.session.execute(
+            insert(FineTunedModel)
+            .values(
+                id=model_id,
+                project_id=job.project_id,
+                provider=job.provider,
+                base_model=job.model,
+                job_id=job.id,
+                created_at=utcnow(),
+            )
+            .on_conflict_do_nothing()
+        )
+
+
+class WebhookReceipts:
+    """Inbound provider webhooks already handled, by `webhook-id`, kept a day."""
+
+    KEPT = timedelta(days=1)
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def first_time(self, provider: str, webhook_id: str, now: datetime) -> bool:
+        """Record the webhook; False when it was recorded before (a redelivery)."""
+        inserted = await self.session.scalar(
+            insert(ProviderWebhookReceipt)
+            .values(provider=provider, webhook_id=webhook_id[:256], received_at=now)
+            .on_conflict_do_nothing()
+            .returning(ProviderWebhookReceipt.webhook_id)
+        )
+        return inserted is not None
+
+    async def purge(self, now: datetime) -> int:
+        result = await self.session.execute(
+            delete(ProviderWebhookReceipt).where(
+                ProviderWebhookReceipt.received_at < now - self.KEPT
+            )
+        )
+        return int(getattr(result, "rowcount", 0) or 0)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.kit.time import to_unix
 from app.kit.types import JSON_INTEGER
-from app.models import Job
+from app.models import Job, JobCheckpoint, JobEvent
 from app.validation.schemas import Hyperparameters
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -161,6 +161,17 @@ class JobEventObject(BaseModel):
     type: Literal["message", "metrics"] = "message"
     data: dict[str, Any] | None = None
 
+    @classmethod
+    def of(cls, row: JobEvent) -> JobEventObject:
+        return cls(
+            id=row.id,
+            created_at=to_unix(row.created_at) or 0,
+            level=row.level if row.level in {"info", "warn", "error"} else "info",
+            message=row.message,
+            type="metrics" if row.type == "metrics" else "message",
+            data=row.data,
+        )
+
 
 class JobCheckpointObject(BaseModel):
     id: str
@@ -170,6 +181,17 @@ class JobCheckpointObject(BaseModel):
     fine_tuning_job_id: str
     metrics: dict[str, Any]
     step_number: int
+
+    @classmethod
+    def of(cls, row: JobCheckpoint) -> JobCheckpointObject:
+        return cls(
+            id=row.id,
+            created_at=to_unix(row.created_at) or 0,
+            fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
+            fine_tuning_job_id=row.job_id,
+            metrics=row.metrics,
+            step_number=row.step_number,
+        )
 
 
 class JobMetricsPoint(BaseModel):

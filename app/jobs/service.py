@@ -24,13 +24,14 @@ from app.jobs.schemas import JobCreate
 from app.kit.errors import APIError, BadRequest, Conflict, InvalidPayload, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
-from app.models import Job, JobEvent, Project
+from app.models import Job, Project
 from app.providers.base import Provider, ProviderError
 from app.registry import service as registry
 from app.validation import service as validations
-from app.validation.cost import epochs_for, price_for
+from app.validation.cost import cost_report
 from app.validation.schemas import Hyperparameters
 from app.validation.service import ValidationContext
+from app.validation.target import Target
 
 
 @dataclass(frozen=True)
@@ -184,33 +185,19 @@ async def create_job(
         created_at=now,
     )
     JobRepository(session, project_id).add(job)
-    session.add(
-        JobEvent(
-            id=new_id("ftevent-"),
-            job_id=job.id,
-            project_id=project_id,
-            level="info",
-            message=f"Created fine-tuning job: {job.id}",
-            type="message",
-            created_at=now,
-        )
-    )
+    state.add_event(session, job, f"Created fine-tuning job: {job.id}", at=now)
     shutdown = await registry.shutdown_within(
         session, provider.name, body.model, context.settings.jobs.shutdown_warning_days, now.date()
     )
     if shutdown is not None:
-        session.add(
-            JobEvent(
-                id=new_id("ftevent-"),
-                job_id=job.id,
-                project_id=project_id,
-                level="warn",
-                message=f"The base model {body.model} shuts down at {provider.name} on "
-                f"{shutdown}; plan a move to a newer model.",
-                type="message",
-                data={"shutdown_date": shutdown},
-                created_at=now + timedelta(microseconds=1),
-            )
+        state.add_event(
+            session,
+            job,
+            f"The base model {body.model} shuts down at {provider.name} on {shutdown}; "
+            "plan a move to a newer model.",
+            level="warn",
+            data={"shutdown_date": shutdown},
+            at=now + timedelta(microseconds=1),
         )
     await session.flush()
     return job
@@ -236,18 +223,28 @@ def _refuse_invalid(report_row: Any, file_id: str, param: str) -> None:
     )
 
 
-def _estimated_cost(report: dict[str, Any], target: Any) -> float | None:
+def _estimated_cost(report: dict[str, Any], target: Target) -> float | None:
     examples = int(report.get("examples") or 0)
     per_epoch = int((report.get("tokens") or {}).get("billable_per_epoch") or 0)
-    epochs, _ = epochs_for(examples, target.n_epochs)
-    usd_per_1m, _ = price_for(target)
-    return None if usd_per_1m is None else round(per_epoch * epochs * usd_per_1m / 1e6, 4)
+    usd: float | None = cost_report(target, examples, per_epoch, usd_digits=4)["usd"]
+    return usd
+
+
+def _not_found(job_id: str) -> NotFound:
+    return NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
 
 
 async def get_job(session: AsyncSession, project_id: str, job_id: str) -> Job:
     job = await JobRepository(session, project_id).get(job_id)
     if job is None:
-        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+        raise _not_found(job_id)
+    return job
+
+
+async def _lock_job(session: AsyncSession, project_id: str, job_id: str) -> Job:
+    job = await JobRepository(session, project_id).get(job_id, for_update=True)
+    if job is None:
+        raise _not_found(job_id)
     return job
 
 
@@ -287,9 +284,7 @@ async def cancel_job(
         )
     if job.provider_job_id is not None:
         await _provider_call(context, job, "cancel")
-    locked = await JobRepository(session, project_id).get_for_update(job_id)
-    if locked is None:
-        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    locked = await _lock_job(session, project_id, job_id)
     if not state.is_terminal(locked.status):
         await state.transition(session, locked, "cancelled")
     locked.sync_due_at = None
@@ -314,9 +309,7 @@ async def pause_or_resume(
     if job.provider_job_id is None:
         raise Conflict(f"Job {job_id} is not at its provider yet; retry shortly.")
     await _provider_call(context, job, action)
-    locked = await JobRepository(session, project_id).get_for_update(job_id)
-    if locked is None:
-        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    locked = await _lock_job(session, project_id, job_id)
     if state.can_transition(locked.status, wanted):
         await state.transition(session, locked, wanted)
     schedule_now(locked, utcnow())  # the provider's own events for the change follow
@@ -325,9 +318,7 @@ async def pause_or_resume(
 
 async def request_sync(session: AsyncSession, project_id: str, job_id: str) -> Job:
     """Make an unfinished, submitted job due for a sync now (`POST …/sync`)."""
-    job = await JobRepository(session, project_id).get_for_update(job_id)
-    if job is None:
-        raise NotFound(f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id")
+    job = await _lock_job(session, project_id, job_id)
     if not state.is_terminal(job.status) and job.provider_job_id is not None:
         schedule_now(job, utcnow())
     return job

@@ -71,20 +71,40 @@ async def transition(
         job.finished_at = job.finished_at or moment
     if target == "failed" and error is not None:
         job.error = error
-    session.add(
-        JobEvent(
-            id=new_id("ftevent-"),
-            job_id=job.id,
-            project_id=job.project_id,
-            level="error" if target == "failed" else "info",
-            message=message or _default_message(previous, target, error),
-            type="message",
-            data={"status": target, "previous_status": previous},
-            created_at=moment,
-        )
+    add_event(
+        session,
+        job,
+        message or _default_message(previous, target, error),
+        level="error" if target == "failed" else "info",
+        data={"status": target, "previous_status": previous},
+        at=moment,
     )
     await session.flush()
     return True
+
+
+def add_event(
+    session: AsyncSession,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> JobEvent:
+    """A tunegate event of the job (a provider's own events come through the syncer)."""
+    event = JobEvent(
+        id=new_id("ftevent-"),
+        job_id=job.id,
+        project_id=job.project_id,
+        level=level,
+        message=message,
+        type="message",
+        data=data,
+        created_at=at or utcnow(),
+    )
+    session.add(event)
+    return event
 
 
 def _default_message(previous: str, target: str, error: dict[str, Any] | None) -> str:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import math
 import random
 import time
 from collections.abc import Awaitable
@@ -30,19 +31,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.db.base import Base
 from app.files.service import FilesContext, file_from_bytes
 from app.files.storage import BlobStorage, make_storage
 from app.jobs import state
-from app.jobs.repository import SyncQueue
+from app.jobs.repository import SyncQueue, SyncWriter
 from app.kit.ids import new_id
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
-from app.models import FineTunedModel, Job, JobEvent
+from app.models import Job
 from app.providers import budget
 from app.providers.base import (
     Provider,
@@ -158,28 +157,33 @@ class Syncer:
         await refresh_base_models(self.worker.database.sessionmaker, self.providers)
 
     async def sweep(self) -> int:
-        """Claim as many due jobs as there are free slots and budget; start syncing them."""
+        """Claim as many due jobs as there are free slots, keep those the provider's rate
+        budget allows (the rest go back, due as they were), and start syncing them. An idle
+        sweep is one query: the budget is only drawn on when there is work."""
         started = 0
         rate = self.settings.jobs.provider_requests_per_second
+        sessionmaker = self.worker.database.sessionmaker
         for name, provider in self.providers.items():
             free = self.settings.jobs.sync_concurrency - len(self.running)
             if free <= 0:
                 break
-            granted = await budget.take(
-                self.worker.database.sessionmaker, name, free * REQUESTS_PER_SYNC, rate
+            claims = await self.claim(name, free)
+            if not claims:
+                continue
+            granted = await budget.take(sessionmaker, name, len(claims) * REQUESTS_PER_SYNC, rate)
+            kept, returned = (
+                claims[: granted // REQUESTS_PER_SYNC],
+                claims[granted // REQUESTS_PER_SYNC :],
             )
-            claims = await self.claim(name, granted // REQUESTS_PER_SYNC) if granted else []
-            await budget.refund(
-                self.worker.database.sessionmaker,
-                name,
-                granted - len(claims) * REQUESTS_PER_SYNC,
-                rate,
-            )
-            for claim in claims:
+            if returned:
+                async with sessionmaker() as session, session.begin():
+                    await SyncQueue(session).release([c.job_id for c in returned], claims[0].lease)
+            await budget.refund(sessionmaker, name, granted % REQUESTS_PER_SYNC, rate)
+            for claim in kept:
                 task = asyncio.create_task(self.sync(provider, claim))
                 self.running.add(task)
                 task.add_done_callback(self.running.discard)
-            started += len(claims)
+            started += len(kept)
         return started
 
     # One job
@@ -258,9 +262,12 @@ class Syncer:
             job = await SyncQueue(session).get_leased(claim.job_id, claim.lease)
             if job is None:  # our lease ran out and another syncer has the job now
                 return False
-            await _store_events(session, job, fetched.events)
-            await _store_checkpoints(session, job, fetched.checkpoints)
-            await _store_metrics(session, job.id, fetched.events)
+            writer = SyncWriter(session)
+            if fetched.events:
+                previous = await writer.last_provider_event_at(job.id)
+                await writer.add_events(_event_rows(job, fetched.events, previous))
+            await writer.add_checkpoints(_checkpoint_rows(job, fetched.checkpoints))
+            await writer.add_metrics(_metric_rows(job.id, fetched.events))
             if fetched.events:
                 job.event_cursor = fetched.events[-1].id
             if fetched.checkpoints:
@@ -273,7 +280,7 @@ class Syncer:
             changed = False
             if upstream.status != job.status and not state.is_terminal(job.status):
                 if upstream.status == "succeeded":
-                    await self._finish(session, job, upstream, fetched.results)
+                    await self._finish(session, writer, job, upstream, fetched.results)
                 if state.can_transition(job.status, upstream.status):
                     await state.transition(session, job, upstream.status, error=upstream.error)
                     changed = True
@@ -303,7 +310,12 @@ class Syncer:
             return changed
 
     async def _finish(
-        self, session: Any, job: Job, upstream: ProviderJob, results: list[tuple[str, bytes]]
+        self,
+        session: AsyncSession,
+        writer: SyncWriter,
+        job: Job,
+        upstream: ProviderJob,
+        results: list[tuple[str, bytes]],
     ) -> None:
         job.fine_tuned_model = upstream.fine_tuned_model
         stored = []
@@ -312,21 +324,10 @@ class Syncer:
                 session, self.files, job.project_id, filename, content, RESULT_PURPOSE
             )
             stored.append(row.id)
-            await _metrics_from_csv(session, job.id, content)
+            await writer.add_metrics(_metric_rows_from_csv(job.id, content))
         job.result_files = stored
         if upstream.fine_tuned_model:
-            await session.execute(
-                insert(FineTunedModel)
-                .values(
-                    id=upstream.fine_tuned_model,
-                    project_id=job.project_id,
-                    provider=job.provider,
-                    base_model=job.model,
-                    job_id=job.id,
-                    created_at=utcnow(),
-                )
-                .on_conflict_do_nothing()
-            )
+            await writer.add_fine_tuned_model(job, upstream.fine_tuned_model)
 
     def _observe_lag(
         self, provider: Provider, upstream: ProviderJob, events: list[ProviderEvent], now: datetime
@@ -372,29 +373,12 @@ class Syncer:
             await asyncio.gather(*self.running, return_exceptions=True)
 
 
-# Core inserts executed with a list of rows: one cached statement, batched by SQLAlchemy's
-# "insertmanyvalues" (a multi-row VALUES built per call is not cached and costs more CPU than
-# the rest of a sync together).
-_TABLES = Base.metadata.tables
-_EVENTS_INSERT = insert(_TABLES["job_events"]).on_conflict_do_nothing(
-    index_elements=["job_id", "provider_event_id"],
-    index_where=_TABLES["job_events"].c.provider_event_id.is_not(None),
-)
-_CHECKPOINTS_INSERT = insert(_TABLES["job_checkpoints"]).on_conflict_do_nothing()
-_METRICS_INSERT = insert(_TABLES["job_metrics"]).on_conflict_do_nothing()
-
-
-async def _store_events(session: Any, job: Job, events: list[ProviderEvent]) -> None:
-    """Store new provider events in the provider's order. Providers stamp events in whole
+def _event_rows(
+    job: Job, events: list[ProviderEvent], previous: datetime | None
+) -> list[dict[str, Any]]:
+    """New provider events as rows, in the provider's order. Providers stamp events in whole
     seconds; each is stored at least a microsecond after the one before it (this batch's or an
-    earlier one's), so listings sort them exactly as the provider sent them."""
-    if not events:
-        return
-    previous = await session.scalar(
-        select(func.max(JobEvent.created_at)).where(
-            JobEvent.job_id == job.id, JobEvent.provider_event_id.is_not(None)
-        )
-    )
+    earlier one's, `previous`), so listings sort them exactly as the provider sent them."""
     rows = []
     for event in events:
         moment = _from_unix(event.created_at) or utcnow()
@@ -414,16 +398,11 @@ async def _store_events(session: Any, job: Job, events: list[ProviderEvent]) -> 
                 "created_at": moment,
             }
         )
-    await session.execute(
-        _EVENTS_INSERT,
-        rows,
-    )
+    return rows
 
 
-async def _store_checkpoints(session: Any, job: Job, checkpoints: list[ProviderCheckpoint]) -> None:
-    if not checkpoints:
-        return
-    rows = [
+def _checkpoint_rows(job: Job, checkpoints: list[ProviderCheckpoint]) -> list[dict[str, Any]]:
+    return [
         {
             "id": checkpoint.id,
             "job_id": job.id,
@@ -435,63 +414,63 @@ async def _store_checkpoints(session: Any, job: Job, checkpoints: list[ProviderC
         }
         for checkpoint in checkpoints
     ]
-    await session.execute(_CHECKPOINTS_INSERT, rows)
 
 
-def _numbers(values: dict[str, Any]) -> dict[str, float]:
-    return {
-        key: float(value)
-        for key, value in values.items()
-        if key not in {"step", "total_steps"}
-        and isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and value == value  # not NaN
-    }
+def _number(value: object) -> float | None:
+    """A finite number (JSON, and so PostgreSQL's jsonb, has no NaN or infinity), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
 
 
-async def _store_metrics(session: Any, job_id: str, events: list[ProviderEvent]) -> None:
-    """Per-step metrics from the provider's metrics events, one row per step, in one insert."""
+def _metric_values(record: dict[str, Any]) -> dict[str, float]:
+    values = {}
+    for key, raw in record.items():
+        number = _number(raw)
+        if key and key.strip() not in {"step", "total_steps"} and number is not None:
+            values[key.strip()] = number
+    return values
+
+
+def _metric_rows(job_id: str, events: list[ProviderEvent]) -> list[dict[str, Any]]:
+    """Per-step metrics from the provider's metrics events, one row per step."""
     rows = []
     for event in events:
         data = event.data or {}
         step = data.get("step")
         if event.type != "metrics" or not isinstance(step, int) or isinstance(step, bool):
             continue
-        values = _numbers(data)
+        values = _metric_values(data)
         if values:
             created = _from_unix(event.created_at) or utcnow()
             rows.append({"job_id": job_id, "step": step, "values": values, "created_at": created})
-    await _insert_metrics(session, rows)
+    return rows
 
 
-async def _insert_metrics(session: Any, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        await session.execute(_METRICS_INSERT, rows)
-
-
-async def _metrics_from_csv(session: Any, job_id: str, content: bytes) -> None:
-    """Steps of a result file (`step,train_loss,…`) not already known from metrics events."""
+def _metric_rows_from_csv(job_id: str, content: bytes) -> list[dict[str, Any]]:
+    """Steps of a result file (`step,train_loss,…`); those already known from metrics events
+    are kept as they are (the insert ignores conflicts)."""
+    now = utcnow()
+    rows = []
     try:
-        reader = csv.DictReader(io.StringIO(content.decode("utf-8-sig")))
-        rows = []
-        for record in reader:
+        for record in csv.DictReader(io.StringIO(content.decode("utf-8-sig"))):
             try:
                 step = int(record.get("step") or "")
             except ValueError:
                 continue
-            values: dict[str, float] = {}
-            for key, raw in record.items():
-                if key and key != "step" and raw not in (None, ""):
-                    with contextlib.suppress(ValueError):
-                        number = float(raw)
-                        if number == number:
-                            values[key.strip()] = number
+            values = _metric_values(record)
             if values:
-                rows.append({"job_id": job_id, "step": step, "values": values})
+                rows.append({"job_id": job_id, "step": step, "values": values, "created_at": now})
     except (UnicodeDecodeError, csv.Error):
-        return
-    now = utcnow()
-    await _insert_metrics(session, [{**row, "created_at": now} for row in rows])
+        return []
+    return rows
 
 
 def _adopt_hyperparameters(job: Job, upstream: ProviderJob) -> None:

@@ -57,12 +57,9 @@ class _Submission:
     metadata: dict[str, str]
     training_file: str
     validation_file: str | None
+    file_ids: tuple[str, ...]  # training, then validation
     files: dict[str, tuple[str, str]]  # file id -> (sha256, filename), for files still there
     known: dict[str, str]  # file id -> provider file id, for files uploaded before
-
-    @property
-    def file_ids(self) -> list[str]:
-        return [f for f in (self.training_file, self.validation_file) if f is not None]
 
 
 async def _claim(worker: WorkerContext, lease: datetime) -> _Submission | None:
@@ -70,9 +67,8 @@ async def _claim(worker: WorkerContext, lease: datetime) -> _Submission | None:
         job = await SubmitQueue(session).claim(utcnow(), lease)
         if job is None:
             return None
-        file_ids = [f for f in (job.training_file, job.validation_file) if f is not None]
-        files = [await session.get(File, file_id) for file_id in file_ids]
-        uploaded = [await session.get(ProviderFile, (i, job.provider)) for i in file_ids]
+        files = [await session.get(File, file_id) for file_id in job.file_ids]
+        uploaded = [await session.get(ProviderFile, (i, job.provider)) for i in job.file_ids]
         return _Submission(
             job_id=job.id,
             attempts=job.submit_attempts,
@@ -84,6 +80,7 @@ async def _claim(worker: WorkerContext, lease: datetime) -> _Submission | None:
             metadata={**(job.job_metadata or {}), TAG: job.id},
             training_file=job.training_file,
             validation_file=job.validation_file,
+            file_ids=tuple(job.file_ids),
             files={f.id: (f.sha256, f.filename) for f in files if f is not None},
             known={u.file_id: u.provider_file_id for u in uploaded if u is not None},
         )

@@ -105,6 +105,11 @@ class Job(CreatedAtMixin, Base):
     event_cursor: Mapped[str | None] = mapped_column(String(128), nullable=True)
     checkpoint_cursor: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
+    @property
+    def file_ids(self) -> list[str]:
+        """The training file, then the validation file when there is one."""
+        return [f for f in (self.training_file, self.validation_file) if f is not None]
+
 
 class JobEvent(CreatedAtMixin, Base):
     """fine_tuning.job.event: tunegate's own (status changes) and the provider's, stored once."""

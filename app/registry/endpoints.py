@@ -20,6 +20,7 @@ from app.kit.time import to_unix, utcnow
 from app.models import FineTunedModel
 from app.providers.base import Provider, ProviderError, ProviderNotFound
 from app.registry import service
+from app.registry.repository import FineTunedModelRepository
 from app.registry.service import BaseEntry
 
 router = APIRouter(
@@ -96,7 +97,7 @@ def _providers(request: Request) -> dict[str, Provider]:
 async def list_models(request: Request, principal: ReadPrincipal, session: SessionDep) -> ModelList:
     """Base models of the configured providers, then the project's fine-tuned models."""
     bases = await service.base_models(session, set(_providers(request)))
-    tuned = await service.fine_tuned_models(session, principal.project_id)
+    tuned = await FineTunedModelRepository(session, principal.project_id).all()
     return ModelList(
         data=[ModelObject.of_base(b) for b in bases] + [ModelObject.of_fine_tuned(t) for t in tuned]
     )
@@ -106,7 +107,7 @@ async def list_models(request: Request, principal: ReadPrincipal, session: Sessi
 async def retrieve_model(
     model: ModelId, request: Request, principal: ReadPrincipal, session: SessionDep
 ) -> ModelObject:
-    tuned = await service.fine_tuned(session, principal.project_id, model)
+    tuned = await FineTunedModelRepository(session, principal.project_id).get(model)
     if tuned is not None:
         return ModelObject.of_fine_tuned(tuned)
     for entry in await service.base_models(session, set(_providers(request))):
@@ -122,7 +123,7 @@ async def delete_model(
     """Delete a fine-tuned model of this project at its provider, then here."""
     sessionmaker = request.app.state.database.sessionmaker
     async with sessionmaker() as reader:  # read, then call the provider with no transaction open
-        tuned = await service.fine_tuned(reader, principal.project_id, model)
+        tuned = await FineTunedModelRepository(reader, principal.project_id).get(model)
         bases = await service.base_models(reader, set(_providers(request)))
     if tuned is None:
         if any(entry.id == model for entry in bases):
@@ -151,7 +152,7 @@ async def delete_model(
         raise PermissionDenied(
             f"The provider refused to delete the model: {exc}", code=exc.code or "delete_refused"
         ) from None
-    row = await session.get(FineTunedModel, model, with_for_update=True)
-    if row is not None and row.deleted_at is None:
+    row = await FineTunedModelRepository(session, principal.project_id).get(model, for_update=True)
+    if row is not None:
         row.deleted_at = utcnow()
     return ModelDeleted(id=model, deleted=True)

@@ -13,14 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.kit.logging import get_logger
 from app.kit.time import to_unix, utcnow
-from app.models import FineTunedModel, ProviderBaseModel
 from app.providers.base import Provider, ProviderError
+from app.registry.repository import RegistryRepository
 from app.validation.catalog import known_models, resolve_model
 
 log = get_logger("tunegate.registry")
@@ -65,23 +63,8 @@ async def refresh_base_models(
             }
             for info in infos
         ]
-        statement = insert(ProviderBaseModel).values(rows)
         async with sessionmaker() as session, session.begin():
-            await session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["provider", "id"],
-                    set_={
-                        column: statement.excluded[column]
-                        for column in (
-                            "context_limit",
-                            "training_usd_per_1m",
-                            "methods",
-                            "shutdown_date",
-                            "refreshed_at",
-                        )
-                    },
-                )
-            )
+            await RegistryRepository(session).upsert_base_models(rows)
         stored += len(rows)
     return stored
 
@@ -102,10 +85,7 @@ async def base_models(session: AsyncSession, providers: set[str]) -> list[BaseEn
         if spec.provider in providers
     }
     if providers:
-        rows = await session.scalars(
-            select(ProviderBaseModel).where(ProviderBaseModel.provider.in_(providers))
-        )
-        for row in rows:
+        for row in await RegistryRepository(session).base_models(providers):
             known = entries.get((row.provider, row.id))
             entries[(row.provider, row.id)] = BaseEntry(
                 id=row.id,
@@ -129,11 +109,7 @@ async def shutdown_within(
     """The base model's shutdown date when it falls within `days` of `today`, else None."""
     spec = resolve_model(model)
     model_id = spec.id if spec is not None else model
-    shutdown = await session.scalar(
-        select(ProviderBaseModel.shutdown_date).where(
-            ProviderBaseModel.provider == provider, ProviderBaseModel.id == model_id
-        )
-    )
+    shutdown = await RegistryRepository(session).shutdown_date(provider, model_id)
     if not shutdown:
         return None
     try:
@@ -141,25 +117,3 @@ async def shutdown_within(
     except ValueError:
         return None
     return shutdown if when - today <= timedelta(days=days) else None
-
-
-async def fine_tuned(
-    session: AsyncSession, project_id: str, model_id: str
-) -> FineTunedModel | None:
-    found: FineTunedModel | None = await session.scalar(
-        select(FineTunedModel).where(
-            FineTunedModel.id == model_id,
-            FineTunedModel.project_id == project_id,
-            FineTunedModel.deleted_at.is_(None),
-        )
-    )
-    return found
-
-
-async def fine_tuned_models(session: AsyncSession, project_id: str) -> list[FineTunedModel]:
-    rows = await session.scalars(
-        select(FineTunedModel)
-        .where(FineTunedModel.project_id == project_id, FineTunedModel.deleted_at.is_(None))
-        .order_by(FineTunedModel.created_at, FineTunedModel.id)
-    )
-    return list(rows)
