@@ -8,6 +8,7 @@ Every variable starts with ``TUNEGATE_``; groups nest with a double underscore
 from __future__ import annotations
 
 import enum
+import ipaddress
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -151,6 +152,63 @@ class JobsSettings(BaseModel):
     shutdown_warning_days: int = Field(default=90, ge=0)
 
 
+DEFAULT_RETRY_SCHEDULE = (
+    timedelta(seconds=5),
+    timedelta(minutes=5),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+    timedelta(hours=5),
+    timedelta(hours=10),
+    timedelta(hours=10),
+)
+
+
+class WebhooksSettings(BaseModel):
+    # How long one delivery attempt may take (connect, send, answer) before it counts as failed.
+    timeout: timedelta = timedelta(seconds=15)
+    # The first attempt is immediate; after each failed attempt the next waits the next delay
+    # here (jitter +-10 %, a longer Retry-After honoured). When they run out, the delivery fails.
+    retry_schedule: list[timedelta] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE), max_length=50
+    )
+    # An endpoint whose deliveries fail without a success for this long is disabled.
+    disable_after: timedelta = timedelta(days=5)
+    # After rotate_secret, the old secret keeps signing (alongside the new one) this long.
+    secret_overlap: timedelta = timedelta(hours=24)
+    # How long a dispatcher owns a claimed delivery; must exceed timeout. A killed dispatcher's
+    # deliveries are sent again after it expires (same webhook-id).
+    lease: timedelta = timedelta(seconds=60)
+    # Deliveries one dispatcher process sends at the same time, and to any one endpoint (so a
+    # slow receiver cannot hold every slot).
+    concurrency: int = Field(default=64, ge=1, le=1024)
+    endpoint_concurrency: int = Field(default=8, ge=1, le=1024)
+    # How often an idle dispatcher looks for work (new events also wake it via LISTEN/NOTIFY).
+    poll_interval: timedelta = timedelta(seconds=1)
+    # Production only: private networks (CIDR) that webhook URLs may nevertheless reach.
+    allowed_networks: list[str] = Field(default_factory=list)
+    # Webhook endpoints per project.
+    max_endpoints: int = Field(default=50, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_timeout(self) -> WebhooksSettings:
+        if self.lease <= self.timeout:
+            raise ValueError(
+                "TUNEGATE_WEBHOOKS__LEASE must be longer than TUNEGATE_WEBHOOKS__TIMEOUT, or a "
+                "slow delivery could be sent twice at the same time"
+            )
+        if any(step < timedelta(0) for step in self.retry_schedule):
+            raise ValueError("TUNEGATE_WEBHOOKS__RETRY_SCHEDULE delays cannot be negative")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"TUNEGATE_WEBHOOKS__ALLOWED_NETWORKS: {network!r} is not a network in CIDR "
+                    "notation (for example 10.20.0.0/16)"
+                ) from None
+        return self
+
+
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -188,6 +246,7 @@ class Settings(BaseSettings):
     files: FilesSettings = FilesSettings()
     validation: ValidationSettings = ValidationSettings()
     jobs: JobsSettings = JobsSettings()
+    webhooks: WebhooksSettings = WebhooksSettings()
 
     # Read from the names the openai SDK itself uses.
     openai_api_key: SecretStr | None = Field(

@@ -32,6 +32,9 @@ from app.providers.base import Provider
 from app.providers.registry import build_providers, close_providers
 from app.registry.endpoints import router as models_router
 from app.validation.endpoints import router as validation_router
+from app.webhooks.endpoints import deliveries_router as webhook_deliveries_router
+from app.webhooks.endpoints import document_webhooks
+from app.webhooks.endpoints import router as webhook_endpoints_router
 from app.workers import roles as worker_roles  # noqa: F401 - registers every role
 from app.workers.runner import ROLES, WorkerContext, WorkerRunner
 
@@ -142,6 +145,9 @@ def create_app(
     app.include_router(jobs_router)
     app.include_router(provider_webhooks_router)
     app.include_router(models_router)
+    app.include_router(webhook_endpoints_router)
+    app.include_router(webhook_deliveries_router)
+    document_webhooks(app)
     return app
 
 

@@ -151,7 +151,11 @@ _EVENTS_INSERT = insert(_TABLES["job_events"]).on_conflict_do_nothing(
     index_elements=["job_id", "provider_event_id"],
     index_where=_TABLES["job_events"].c.provider_event_id.is_not(None),
 )
-_CHECKPOINTS_INSERT = insert(_TABLES["job_checkpoints"]).on_conflict_do_nothing()
+_CHECKPOINTS_INSERT = (
+    insert(_TABLES["job_checkpoints"])
+    .on_conflict_do_nothing()
+    .returning(_TABLES["job_checkpoints"].c.id)
+)
 _METRICS_INSERT = insert(_TABLES["job_metrics"]).on_conflict_do_nothing()
 
 
@@ -174,9 +178,11 @@ class SyncWriter:
         if rows:
             await self.session.execute(_EVENTS_INSERT, rows)
 
-    async def add_checkpoints(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            await self.session.execute(_CHECKPOINTS_INSERT, rows)
+    async def add_checkpoints(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Store the checkpoints not stored yet; the ids of those that were new."""
+        if not rows:
+            return set()
+        return set((await self.session.scalars(_CHECKPOINTS_INSERT, rows)).all())
 
     async def add_metrics(self, rows: list[dict[str, Any]]) -> None:
         if rows:

@@ -200,6 +200,7 @@ async def create_job(
             at=now + timedelta(microseconds=1),
         )
     await session.flush()
+    await state.announce(session, job, "fine_tuning.job.created")
     return job
 
 

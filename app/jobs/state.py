@@ -2,7 +2,9 @@
 
 The API (cancel, pause, resume), the submitter, the syncer and the local trainer all call
 `transition`, which checks the move is allowed, stamps `finished_at` on terminal states, and
-writes a job event in the same transaction, so a status and its event are never apart.
+writes a job event in the same transaction, so a status and its event are never apart. The
+webhooks it causes (`fine_tuning.job.status_changed`, then `.succeeded` / `.failed` /
+`.cancelled`) are written in that transaction too.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.jobs.schemas import JobObject
 from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Job, JobEvent
+from app.webhooks.events import emit
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"validating_files", "queued", "running", "paused"})
@@ -80,7 +84,17 @@ async def transition(
         at=moment,
     )
     await session.flush()
+    await announce(session, job, "fine_tuning.job.status_changed")
+    if target in TERMINAL:
+        await announce(session, job, f"fine_tuning.job.{target}")
     return True
+
+
+async def announce(session: AsyncSession, job: Job, event_type: str) -> None:
+    """A webhook event about `job`, carrying the job as the API returns it."""
+    await emit(
+        session, job.project_id, event_type, job.id, JobObject.of(job).model_dump(mode="json")
+    )
 
 
 def add_event(

@@ -38,10 +38,11 @@ from app.files.service import FilesContext, file_from_bytes
 from app.files.storage import BlobStorage, make_storage
 from app.jobs import state
 from app.jobs.repository import SyncQueue, SyncWriter
+from app.jobs.schemas import JobCheckpointObject
 from app.kit.ids import new_id
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
-from app.models import Job
+from app.models import Job, JobCheckpoint
 from app.providers import budget
 from app.providers.base import (
     Provider,
@@ -53,6 +54,7 @@ from app.providers.base import (
 )
 from app.providers.registry import build_providers, close_providers
 from app.registry.service import REFRESH_EVERY, refresh_base_models
+from app.webhooks.events import emit
 from app.workers.runner import WorkerContext, register_role
 
 log = get_logger("tunegate.jobs.syncer")
@@ -266,7 +268,15 @@ class Syncer:
             if fetched.events:
                 previous = await writer.last_provider_event_at(job.id)
                 await writer.add_events(_event_rows(job, fetched.events, previous))
-            await writer.add_checkpoints(_checkpoint_rows(job, fetched.checkpoints))
+            checkpoints = _checkpoint_rows(job, fetched.checkpoints)
+            for new_checkpoint in _new(checkpoints, await writer.add_checkpoints(checkpoints)):
+                await emit(
+                    session,
+                    job.project_id,
+                    "fine_tuning.job.checkpoint.created",
+                    job.id,
+                    JobCheckpointObject.of(JobCheckpoint(**new_checkpoint)).model_dump(mode="json"),
+                )
             await writer.add_metrics(_metric_rows(job.id, fetched.events))
             if fetched.events:
                 job.event_cursor = fetched.events[-1].id
@@ -282,6 +292,9 @@ class Syncer:
                 if upstream.status == "succeeded":
                     await self._finish(session, writer, job, upstream, fetched.results)
                 if state.can_transition(job.status, upstream.status):
+                    if state.is_terminal(upstream.status) and upstream.finished_at is not None:
+                        # The provider's finishing time, already in the webhooks' job object.
+                        job.finished_at = _from_unix(upstream.finished_at)
                     await state.transition(session, job, upstream.status, error=upstream.error)
                     changed = True
                     self._observe_lag(provider, upstream, fetched.events, now)
@@ -293,8 +306,6 @@ class Syncer:
                         provider_status=upstream.status,
                     )
             if state.is_terminal(job.status):
-                if upstream.finished_at is not None and changed:
-                    job.finished_at = _from_unix(upstream.finished_at)
                 job.sync_due_at = None
             elif len(fetched.events) >= EVENT_PAGE or (
                 job.sync_requested_at is not None and job.sync_requested_at > claim.claimed_at
@@ -399,6 +410,10 @@ def _event_rows(
             }
         )
     return rows
+
+
+def _new(rows: list[dict[str, Any]], inserted: set[str]) -> list[dict[str, Any]]:
+    return [row for row in rows if row["id"] in inserted]
 
 
 def _checkpoint_rows(job: Job, checkpoints: list[ProviderCheckpoint]) -> list[dict[str, Any]]:

@@ -59,3 +59,27 @@ class SyncMetrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
         )
+
+
+class WebhookMetrics:
+    """The webhook dispatcher: attempts by outcome, how long they take, and how late they go."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "tunegate_webhook_attempts",
+            "Webhook delivery attempts by outcome (succeeded, failed, refused, timeout, error).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "tunegate_webhook_attempt_duration_seconds",
+            "Time one delivery attempt takes, from connecting to the receiver's answer.",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
+        )
+        self.lag = Histogram(
+            "tunegate_webhook_first_attempt_lag_seconds",
+            "Time from an event to the first attempt to deliver it.",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )

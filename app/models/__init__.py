@@ -17,6 +17,7 @@ from app.models.model import FineTunedModel, ProviderBaseModel
 from app.models.project import Project
 from app.models.upload import Upload, UploadPart
 from app.models.validation_report import ValidationReport
+from app.models.webhook import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "ApiKey",
@@ -37,4 +38,8 @@ __all__ = [
     "Upload",
     "UploadPart",
     "ValidationReport",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
 ]

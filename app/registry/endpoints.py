@@ -22,6 +22,7 @@ from app.providers.base import Provider, ProviderError, ProviderNotFound
 from app.registry import service
 from app.registry.repository import FineTunedModelRepository
 from app.registry.service import BaseEntry
+from app.webhooks.events import emit
 
 router = APIRouter(
     prefix="/v1/models", tags=["models"], route_class=JSONRoute, responses=ERROR_RESPONSES
@@ -153,6 +154,8 @@ async def delete_model(
             f"The provider refused to delete the model: {exc}", code=exc.code or "delete_refused"
         ) from None
     row = await FineTunedModelRepository(session, principal.project_id).get(model, for_update=True)
-    if row is not None:
+    deleted = ModelDeleted(id=model, deleted=True)
+    if row is not None and row.deleted_at is None:
         row.deleted_at = utcnow()
-    return ModelDeleted(id=model, deleted=True)
+        await emit(session, principal.project_id, "model.deleted", model, deleted.model_dump())
+    return deleted

@@ -25,7 +25,8 @@ from app.validation.catalog import ModelSpec, known_models, resolve_model
 from app.validation.cost import cost_report
 from app.validation.engine import Progress, Target, validate_file
 from app.validation.repository import ValidationRepository
-from app.validation.schemas import Estimate, EstimateCreate, Hyperparameters
+from app.validation.schemas import Estimate, EstimateCreate, Hyperparameters, ValidationObject
+from app.webhooks.events import emit
 
 log = get_logger("tunegate.validation")
 
@@ -145,7 +146,15 @@ async def create_validation(
             row.finished_at = utcnow()
     ValidationRepository(session, project_id).add(row)
     await session.flush()
+    await announce_finished(session, row)
     return row
+
+
+async def announce_finished(session: AsyncSession, row: ValidationReport) -> None:
+    """`file.validated` for a report that has just succeeded or failed (not one still queued)."""
+    if row.status in {"succeeded", "failed"}:
+        data = ValidationObject.of(row).model_dump(mode="json")
+        await emit(session, row.project_id, "file.validated", row.file_id, data)
 
 
 async def validate_after_upload(

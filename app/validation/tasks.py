@@ -20,7 +20,13 @@ from app.kit.time import utcnow
 from app.models import File
 from app.validation.engine import ValidationCancelled
 from app.validation.repository import ValidationQueue
-from app.validation.service import ValidationContext, resolve_target, run_engine, succeeded_values
+from app.validation.service import (
+    ValidationContext,
+    announce_finished,
+    resolve_target,
+    run_engine,
+    succeeded_values,
+)
 from app.workers.runner import WorkerContext, register_role
 
 log = get_logger("tunegate.validation.worker")
@@ -52,6 +58,8 @@ async def process_one(worker: WorkerContext, context: ValidationContext) -> bool
                 "The file was deleted." if file is None else "Validation failed three times."
             )
             claimed.finished_at = now
+            await session.flush()
+            await announce_finished(session, claimed)
             return True
         sha256, file_id = file.sha256, file.id
 
@@ -102,8 +110,11 @@ async def process_one(worker: WorkerContext, context: ValidationContext) -> bool
             }
     async with sessionmaker() as session, session.begin():
         written = await ValidationQueue(session).update_if_leased(report_id, held.until, **outcome)
-        if written is not None and outcome["status"] == "succeeded":
-            written.bytes_done = written.bytes_total
+        if written is not None:
+            if outcome["status"] == "succeeded":
+                written.bytes_done = written.bytes_total
+                await session.flush()
+            await announce_finished(session, written)
     return True
 
 

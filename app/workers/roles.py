@@ -7,5 +7,6 @@ from app.files import tasks as files_tasks
 from app.jobs import syncer as jobs_syncer
 from app.jobs import tasks as jobs_tasks
 from app.validation import tasks as validation_tasks
+from app.webhooks import dispatcher as webhooks_dispatcher
 
-__all__ = ["files_tasks", "jobs_syncer", "jobs_tasks", "validation_tasks"]
+__all__ = ["files_tasks", "jobs_syncer", "jobs_tasks", "validation_tasks", "webhooks_dispatcher"]

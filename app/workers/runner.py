@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from app.config import Settings
 from app.db.engine import Database
 from app.kit.logging import get_logger
-from app.kit.metrics import SyncMetrics
+from app.kit.metrics import SyncMetrics, WebhookMetrics
 
 log = get_logger("tunegate.workers")
 
@@ -30,9 +30,11 @@ class WorkerContext:
     # own on --metrics-port.
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     sync_metrics: SyncMetrics = field(init=False)
+    webhook_metrics: WebhookMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.sync_metrics = SyncMetrics(self.registry)
+        self.webhook_metrics = WebhookMetrics(self.registry)
 
 
 RoleLoop = Callable[[WorkerContext, asyncio.Event], Awaitable[None]]

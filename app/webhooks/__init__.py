@@ -1,0 +1,1 @@
+"""Webhooks for consumers: endpoints, events, signed delivery."""
