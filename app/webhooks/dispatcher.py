@@ -45,7 +45,7 @@ from app.webhooks.events import NOTIFY_CHANNEL, emit
 from app.webhooks.repository import Claimed, DispatchQueue, Outcome
 from app.webhooks.schemas import EndpointObject
 from app.webhooks.service import policy_of
-from app.webhooks.targets import is_refusal, safe_transport
+from app.webhooks.targets import UnsafeTarget, is_refusal, safe_transport
 from app.workers.runner import WorkerContext, register_role
 
 log = get_logger("tunegate.webhooks.dispatcher")
@@ -83,11 +83,12 @@ class Dispatcher:
         self.concurrency = config.concurrency
         self.per_endpoint = config.endpoint_concurrency
         self.timeout = config.timeout.total_seconds()
+        self.policy = policy_of(worker.settings)
         limits = httpx2.Limits(
             max_connections=config.concurrency, max_keepalive_connections=config.concurrency
         )
         self.client = httpx2.AsyncClient(
-            transport=transport or safe_transport(policy_of(worker.settings), limits=limits),
+            transport=transport or safe_transport(self.policy, limits=limits),
             timeout=self.timeout,
             follow_redirects=False,
             trust_env=False,
@@ -192,6 +193,8 @@ class Dispatcher:
         retry_after: float | None = None
         outcome_label = "failed"
         try:
+            # The URL was checked when it was saved; the policy may have changed since.
+            self.policy.check_url(delivery.url)
             async with asyncio.timeout(self.timeout):
                 async with self.client.stream(
                     "POST", delivery.url, content=delivery.body, headers=headers
@@ -207,6 +210,8 @@ class Dispatcher:
                 error = f"the receiver answered {status}"
         except TimeoutError:
             outcome_label, error = "timeout", f"no answer within {self.timeout:g} s"
+        except UnsafeTarget as exc:
+            outcome_label, error = "refused", f"refused by policy: {exc}"
         except httpx2.TransportError as exc:
             if is_refusal(exc):
                 outcome_label, error = "refused", f"refused by policy: {exc}"
