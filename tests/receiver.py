@@ -95,7 +95,7 @@ class Receiver:
                     receiver.connections.discard(self.connection)
                 super().finish()
 
-            def do_POST(self) -> None:  # noqa: N802 - the http.server convention
+            def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 record = Received(
                     path=self.path,

@@ -11,8 +11,10 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
+from standardwebhooks import Webhook
 
 from tests.datasets import adder_jsonl
+from tests.receiver import Receiver
 from tests.server import (
     RunningServer,
     free_port,
@@ -174,8 +176,15 @@ def finished(client: openai.OpenAI, job_id: str) -> Callable[[], Any]:
 
 
 def test_a_job_runs_to_succeeded_and_its_model_is_served_by_the_models_api(
-    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str, server: RunningServer
 ) -> None:
+    receiver = Receiver()
+    receiver.up()
+    subscribed = httpx.post(
+        f"{server.base_url}/v1/webhook_endpoints",
+        json={"url": receiver.url("/jobs")},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ).json()
     job = client.fine_tuning.jobs.create(
         model="gpt-4o-mini-2024-07-18", training_file=training_file, suffix="adder"
     )
@@ -202,6 +211,37 @@ def test_a_job_runs_to_succeeded_and_its_model_is_served_by_the_models_api(
     assert client.models.delete(done.fine_tuned_model).deleted is True
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve(done.fine_tuned_model)
+
+    # The webhooks of all this reached a subscribed receiver, each verifiable, in order.
+    def types() -> list[str]:
+        return [r.json["type"] for r in receiver.at("/jobs")]
+
+    wait_for(lambda: "model.deleted" in types(), 30, "the model.deleted webhook")
+    receiver.down()
+    verifier = Webhook(subscribed["secret"])
+    payloads = [verifier.verify(r.body, r.headers) for r in receiver.at("/jobs")]
+    about_job = [p for p in payloads if p["type"].startswith("fine_tuning.job.")]
+    assert all(
+        p["data"].get("id") == job.id or p["data"].get("fine_tuning_job_id") == job.id
+        for p in about_job
+    )
+    lifecycle = [p for p in about_job if p["type"] != "fine_tuning.job.checkpoint.created"]
+    assert lifecycle[0]["type"] == "fine_tuning.job.created"
+    assert lifecycle[0]["data"]["status"] == "validating_files"
+    assert [p["type"] for p in lifecycle[-2:]] == [
+        "fine_tuning.job.status_changed",
+        "fine_tuning.job.succeeded",
+    ]
+    changes = [p["data"]["status"] for p in lifecycle if p["type"].endswith("status_changed")]
+    assert changes[-1] == "succeeded" and "running" in changes
+    assert len(changes) == len(set(changes))  # each change once
+    succeeded = lifecycle[-1]["data"]
+    assert succeeded["fine_tuned_model"] == done.fine_tuned_model
+    assert succeeded["finished_at"] == done.finished_at
+    assert any(p["type"] == "fine_tuning.job.checkpoint.created" for p in about_job)
+    assert payloads[-1]["type"] == "model.deleted"
+    assert payloads[-1]["data"] == {"id": done.fine_tuned_model, "object": "model", "deleted": True}
+    assert len({p["id"] for p in payloads}) == len(payloads)
 
 
 def test_pause_and_resume_go_through_to_the_provider(

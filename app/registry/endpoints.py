@@ -157,5 +157,7 @@ async def delete_model(
     deleted = ModelDeleted(id=model, deleted=True)
     if row is not None and row.deleted_at is None:
         row.deleted_at = utcnow()
-        await emit(session, principal.project_id, "model.deleted", model, deleted.model_dump())
+        # About the job's model: ordered after the job's own events for each consumer.
+        subject = row.job_id or model
+        await emit(session, principal.project_id, "model.deleted", subject, deleted.model_dump())
     return deleted

@@ -141,7 +141,9 @@ async def send_test(session: AsyncSession, project_id: str, endpoint_id: str) ->
     if event is None:  # the endpoint was disabled meanwhile
         raise Conflict(f"Webhook endpoint {endpoint_id} is disabled.", code="endpoint_disabled")
     deliveries = DeliveryRepository(session, project_id)
-    delivery: WebhookDelivery | None = await session.scalar(deliveries.select().where(WebhookDelivery.event_id == event.id))
+    delivery: WebhookDelivery | None = await session.scalar(
+        deliveries.select().where(WebhookDelivery.event_id == event.id)
+    )
     assert delivery is not None
     return delivery
 
