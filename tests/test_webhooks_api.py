@@ -189,3 +189,18 @@ async def test_the_openapi_document_lists_every_event(client) -> None:
         "model.deleted",
         "webhook_endpoint.disabled",
     } <= set(spec["webhooks"])
+
+
+async def test_star_alone_means_every_event_and_redelivery_rules(api) -> None:
+    created = await create(api, enabled_events="*")
+    assert created["enabled_events"] == ["*"]
+    path = f"{ENDPOINTS}/{created['id']}"
+    delivery = (await api.post(f"{path}/test")).json()
+    await api.patch(path, json={"disabled": True})
+    held = (await api.get(f"/v1/webhook_deliveries/{delivery['id']}")).json()
+    assert held["status"] == "pending" and held["next_attempt_at"] is None  # waits, not due
+    refused = await api.post(f"/v1/webhook_deliveries/{delivery['id']}/redeliver")
+    assert_envelope(refused, 409, "endpoint_disabled")
+    await api.patch(path, json={"disabled": False})
+    released = (await api.get(f"/v1/webhook_deliveries/{delivery['id']}")).json()
+    assert released["next_attempt_at"] is not None

@@ -283,3 +283,38 @@ def test_two_dispatchers_never_send_one_delivery_at_the_same_time(
     ids = Counter(r.webhook_id for r in receiver.at("/pair"))
     assert ids == Counter({each["event_id"]: 1 for each in sent})
     assert all(len(delivery(api, each["id"])["attempts"]) == 1 for each in sent)
+
+
+def test_one_endpoints_backlog_does_not_starve_another(
+    api: httpx.Client, receiver: Receiver, dispatcher: Any
+) -> None:
+    receiver.answer("/backlog", then=Answer(delay=0.3))
+    busy = endpoint(api, receiver.url("/backlog"))
+    quiet = endpoint(api, receiver.url("/quiet"))
+    backlog = [send_test(api, busy["id"]) for _ in range(60)]  # 9 s at 2 at a time
+    begun = time.monotonic()
+    for _ in range(3):
+        send_test(api, quiet["id"])
+    wait_for(lambda: len(receiver.at("/quiet")) == 3, 5, "the quiet endpoint's deliveries")
+    assert time.monotonic() - begun < 2.0
+    assert len(receiver.at("/backlog")) < len(backlog)
+    api.patch(f"/v1/webhook_endpoints/{busy['id']}", json={"disabled": True})
+
+
+def test_odd_answers_and_an_endpoint_deleted_mid_delivery(
+    api: httpx.Client, receiver: Receiver, dispatcher: Any
+) -> None:
+    receiver.answer("/odd", then=Answer(200, body=b"\x00\xff binary \x00"))
+    odd = endpoint(api, receiver.url("/odd"))
+    sent = send_test(api, odd["id"])
+    done = wait_for(settled(api, sent["id"]), 20, "a delivery answered with NUL bytes")
+    assert "binary" in done["attempts"][0]["response_body"]
+
+    receiver.answer("/doomed", then=Answer(delay=1.0))
+    doomed = endpoint(api, receiver.url("/doomed"))
+    send_test(api, doomed["id"])
+    wait_for(lambda: receiver.received_at("/doomed"), 10, "the delivery under way")
+    assert api.delete(f"/v1/webhook_endpoints/{doomed['id']}").status_code == 200
+    wait_for(lambda: receiver.at("/doomed"), 10, "the receiver to answer")
+    after = send_test(api, odd["id"])  # the dispatcher carries on
+    wait_for(settled(api, after["id"]), 20, "a delivery after the deleted endpoint's")

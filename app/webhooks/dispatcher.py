@@ -28,7 +28,6 @@ import os
 import random
 import socket
 import time
-from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,7 +41,7 @@ from app.kit.logging import get_logger
 from app.kit.time import utcnow
 from app.providers.base import retry_after_seconds
 from app.webhooks.events import NOTIFY_CHANNEL, emit
-from app.webhooks.repository import Claimed, DispatchQueue, Outcome
+from app.webhooks.repository import Claimed, DeliveryRepository, DispatchQueue, Outcome
 from app.webhooks.schemas import EndpointObject
 from app.webhooks.service import policy_of
 from app.webhooks.targets import UnsafeTarget, is_refusal, safe_transport
@@ -92,11 +91,14 @@ class Dispatcher:
             timeout=self.timeout,
             follow_redirects=False,
             trust_env=False,
-            headers={"user-agent": USER_AGENT, "content-type": "application/json"},
+            headers={
+                "user-agent": USER_AGENT,
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+            },
         )
         self.listen = listen
         self.name = f"{socket.gethostname()}:{os.getpid()}"[:128]
-        self.in_flight: Counter[str] = Counter()
         self.sending: set[asyncio.Task[None]] = set()
         self.outcomes: list[Outcome] = []
         self.wake = asyncio.Event()
@@ -129,14 +131,12 @@ class Dispatcher:
         free = self.concurrency - len(self.sending)
         if free <= 0:
             return 0
-        busy = [endpoint for endpoint, n in self.in_flight.items() if n >= self.per_endpoint]
         now = utcnow()
         async with self.worker.database.sessionmaker() as session, session.begin():
             claimed = await DispatchQueue(session).claim(
-                now, now + self.settings.webhooks.lease, free, self.per_endpoint, busy
+                now, now + self.settings.webhooks.lease, free, self.per_endpoint
             )
         for delivery in claimed:
-            self.in_flight[delivery.endpoint_id] += 1
             task = asyncio.create_task(
                 self._send(delivery), name=f"webhooks:{delivery.delivery_id}"
             )
@@ -172,10 +172,6 @@ class Dispatcher:
             outcome = self._outcome(
                 delivery, utcnow(), 0, None, None, f"internal error ({type(exc).__name__})", None
             )
-        finally:
-            self.in_flight[delivery.endpoint_id] -= 1
-            if self.in_flight[delivery.endpoint_id] <= 0:
-                del self.in_flight[delivery.endpoint_id]
         self.outcomes.append(outcome)
         self.written.set()
 
@@ -212,9 +208,11 @@ class Dispatcher:
             outcome_label, error = "timeout", f"no answer within {self.timeout:g} s"
         except UnsafeTarget as exc:
             outcome_label, error = "refused", f"refused by policy: {exc}"
-        except httpx2.TransportError as exc:
+        except httpx2.HTTPError as exc:
             if is_refusal(exc):
                 outcome_label, error = "refused", f"refused by policy: {exc}"
+            elif status is not None and 200 <= status < 300:
+                outcome_label = "succeeded"  # the answer came; reading its body failed
             else:
                 outcome_label = "error"
                 error = f"could not deliver ({type(exc).__name__}): {exc}"[:500]
@@ -266,17 +264,26 @@ class Dispatcher:
             batch = self._take_outcomes()
             if not batch and self.closing:
                 return
-            for attempt in range(1, WRITE_RETRIES + 1):
-                try:
-                    await self._write(batch)
-                    break
-                except Exception:
-                    # The leases run out and the deliveries are sent again: at least once.
-                    log.exception("could not record webhook outcomes", attempt=attempt)
-                    await asyncio.sleep(attempt)
+            await self._write_batch(batch)
             self.wake.set()  # the next delivery of an ordered chain may go now
             if self.closing:
                 self.written.set()  # one more round: write what came meanwhile, then stop
+
+    async def _write_batch(self, batch: list[Outcome]) -> None:
+        """Write the batch; if it fails, each outcome alone, so one bad row cannot take the
+        others down. What still fails is sent again when its lease ends: at least once."""
+        for attempt in range(1, WRITE_RETRIES + 1):
+            try:
+                await self._write(batch)
+                return
+            except Exception:
+                log.exception("could not record webhook outcomes", attempt=attempt)
+                if len(batch) > 1:
+                    break
+                await asyncio.sleep(attempt)
+        if len(batch) > 1:
+            for outcome in batch:
+                await self._write_batch([outcome])
 
     async def _write(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
@@ -302,6 +309,7 @@ class Dispatcher:
                     f"{endpoint.failing_since:%Y-%m-%d %H:%M} UTC."
                 )
                 await session.flush()
+                await DeliveryRepository(session, endpoint.project_id).hold(endpoint.id)
                 log.warning(
                     "webhook endpoint disabled",
                     endpoint_id=endpoint.id,
@@ -335,7 +343,7 @@ class Dispatcher:
 async def _read_prefix(response: httpx2.Response) -> str:
     """The first 2 KB of the answer, as text; the rest is not read."""
     kept = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         kept += chunk
         if len(kept) >= RESPONSE_BODY_LIMIT:
             break

@@ -66,6 +66,9 @@ async def emit(
     )
     if endpoint_id is not None:
         query = query.where(WebhookEndpoint.id == endpoint_id)
+    # KEY SHARE: an endpoint being deleted meanwhile waits for this transaction (its deliveries
+    # would otherwise point at nothing); changing an endpoint does not.
+    query = query.with_for_update(read=True, key_share=True)
     targets = [
         found_id
         for found_id, enabled in (await session.execute(query)).all()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, case, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -33,6 +33,48 @@ class EndpointRepository(ProjectScopedRepository[WebhookEndpoint]):
 
 class DeliveryRepository(ProjectScopedRepository[WebhookDelivery]):
     model = WebhookDelivery
+
+    async def hold(self, endpoint_id: str) -> None:
+        """A disabled endpoint's pending deliveries wait, off the dispatchers' queue."""
+        await self.session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.project_id == self.project_id,
+                WebhookDelivery.endpoint_id == endpoint_id,
+                WebhookDelivery.status == "pending",
+            )
+            .values(next_attempt_at=None)
+        )
+
+    async def release(self, endpoint_id: str, now: datetime) -> None:
+        """Re-enabled: what waited is due now."""
+        await self.session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.project_id == self.project_id,
+                WebhookDelivery.endpoint_id == endpoint_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at.is_(None),
+            )
+            .values(next_attempt_at=now)
+        )
+
+    async def requeue(self, delivery: WebhookDelivery, now: datetime) -> None:
+        """Pending again now, at the end of its subject's order (a new `seq`), with a fresh
+        schedule and no lease (a late outcome of an earlier attempt no longer applies)."""
+        await self.session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery.id)
+            .values(
+                status="pending",
+                failures=0,
+                next_attempt_at=now,
+                lease_until=None,
+                delivered_at=None,
+                seq=func.nextval(func.pg_get_serial_sequence("webhook_deliveries", "seq")),
+            )
+        )
+        await self.session.refresh(delivery)
 
     async def attempts_of(self, delivery_ids: Sequence[str]) -> dict[str, list[WebhookAttempt]]:
         found: dict[str, list[WebhookAttempt]] = defaultdict(list)
@@ -96,57 +138,65 @@ class DispatchQueue:
         self.session = session
 
     async def claim(
-        self,
-        now: datetime,
-        lease_until: datetime,
-        limit: int,
-        per_endpoint: int,
-        busy_endpoints: Sequence[str],
+        self, now: datetime, lease_until: datetime, limit: int, per_endpoint: int
     ) -> list[Claimed]:
-        """Lease up to `limit` due deliveries of enabled endpoints, at most `per_endpoint` per
-        endpoint and none for `busy_endpoints`; a delivery waits while an earlier one to the same
-        endpoint about the same subject is still pending (so a consumer sees a job's events in
-        order)."""
+        """Lease up to `limit` due deliveries of enabled endpoints, so that no endpoint has more
+        than `per_endpoint` leased at once (across every dispatcher), taking endpoints in turn
+        (each one's oldest first) so one endpoint's backlog cannot starve the others. A delivery
+        waits while an earlier one to the same endpoint about the same subject is still pending
+        (so a consumer sees a job's events in order)."""
         earlier = aliased(WebhookDelivery)
-        due = (
-            WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at <= now,
-            (WebhookDelivery.lease_until.is_(None)) | (WebhookDelivery.lease_until < now),
+        delivery = WebhookDelivery
+        in_flight = and_(delivery.lease_until.is_not(None), delivery.lease_until >= now)
+        free = (delivery.lease_until.is_(None)) | (delivery.lease_until < now)
+        claimable = and_(
+            delivery.next_attempt_at <= now,
+            free,
+            ~exists().where(
+                earlier.endpoint_id == delivery.endpoint_id,
+                earlier.subject == delivery.subject,
+                earlier.status == "pending",
+                earlier.seq < delivery.seq,
+            ),
         )
+        # Per endpoint: the deliveries in flight first, then the claimable ones by due time.
         ranked = (
             select(
-                WebhookDelivery.id,
+                delivery.id,
+                claimable.label("claimable"),
                 func.row_number()
                 .over(
-                    partition_by=WebhookDelivery.endpoint_id,
-                    order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.seq),
+                    partition_by=delivery.endpoint_id,
+                    order_by=(
+                        case((in_flight, 0), else_=1),
+                        delivery.next_attempt_at,
+                        delivery.seq,
+                    ),
                 )
                 .label("rank"),
             )
-            .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+            .join(WebhookEndpoint, WebhookEndpoint.id == delivery.endpoint_id)
             .where(
-                *due,
+                delivery.status == "pending",
                 WebhookEndpoint.status == "enabled",
-                ~exists().where(
-                    earlier.endpoint_id == WebhookDelivery.endpoint_id,
-                    earlier.subject == WebhookDelivery.subject,
-                    earlier.status == "pending",
-                    earlier.seq < WebhookDelivery.seq,
-                ),
+                in_flight | claimable,
             )
-            .order_by(WebhookDelivery.next_attempt_at)
-            .limit(limit * 4)
+            .subquery()
         )
-        if busy_endpoints:
-            ranked = ranked.where(WebhookDelivery.endpoint_id.not_in(busy_endpoints))
-        candidates = ranked.subquery()
         picked = (
-            select(WebhookDelivery.id)
-            .join(candidates, candidates.c.id == WebhookDelivery.id)
-            .where(candidates.c.rank <= per_endpoint, *due)
-            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.seq)
+            select(delivery.id)
+            .join(ranked, ranked.c.id == delivery.id)
+            .where(
+                ranked.c.claimable,
+                ranked.c.rank <= per_endpoint,
+                # Checked again on the locked row: another dispatcher may have just leased it.
+                delivery.status == "pending",
+                delivery.next_attempt_at <= now,
+                free,
+            )
+            .order_by(ranked.c.rank, delivery.next_attempt_at, delivery.seq)
             .limit(limit)
-            .with_for_update(of=WebhookDelivery, skip_locked=True)
+            .with_for_update(of=delivery, skip_locked=True)
         )
         leased = (
             await self.session.execute(
@@ -222,8 +272,29 @@ class DispatchQueue:
         return claimed
 
     async def record(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
-        """Log every attempt, and settle each delivery whose lease is still ours; the outcomes
-        that were applied (a lost lease means another dispatcher owns the delivery now)."""
+        """Log every attempt of a delivery that still exists, and settle each delivery whose
+        lease is still ours; the outcomes that were applied (a lost lease means another
+        dispatcher owns the delivery now; a deleted endpoint took its deliveries with it).
+
+        Locks endpoints before deliveries, in id order, as deleting an endpoint does."""
+        endpoint_ids = sorted({o.claimed.endpoint_id for o in outcomes})
+        await self.session.execute(
+            select(WebhookEndpoint.id)
+            .where(WebhookEndpoint.id.in_(endpoint_ids))
+            .order_by(WebhookEndpoint.id)
+            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: emit's KEY SHARE still goes
+        )
+        existing = set(
+            await self.session.scalars(
+                select(WebhookDelivery.id)
+                .where(WebhookDelivery.id.in_([o.claimed.delivery_id for o in outcomes]))
+                .order_by(WebhookDelivery.id)
+                .with_for_update()
+            )
+        )
+        outcomes = [o for o in outcomes if o.claimed.delivery_id in existing]
+        if not outcomes:
+            return []
         await self.session.execute(
             _ATTEMPTS_INSERT,
             [
@@ -233,8 +304,8 @@ class DispatchQueue:
                     "started_at": o.started_at,
                     "duration_ms": o.duration_ms,
                     "status_code": o.status_code,
-                    "response_body": o.response_body,
-                    "error": o.error,
+                    "response_body": _storable(o.response_body),
+                    "error": _storable(o.error),
                     "dispatcher": o.dispatcher,
                 }
                 for o in outcomes
@@ -246,7 +317,7 @@ class DispatchQueue:
                 "lease_until": None,
                 "last_attempt_at": outcome.started_at,
                 "last_status_code": outcome.status_code,
-                "last_error": outcome.error,
+                "last_error": _storable(outcome.error),
             }
             if outcome.succeeded:
                 values |= {"status": "succeeded", "delivered_at": outcome.started_at}
@@ -310,3 +381,8 @@ class DispatchQueue:
             .with_for_update()
         )
         return rows.all()
+
+
+def _storable(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; a receiver's answer may."""
+    return None if text is None else text.replace("\x00", "\ufffd")

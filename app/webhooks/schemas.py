@@ -13,6 +13,11 @@ Url = Annotated[str, Field(min_length=1, max_length=2048, description="Where eve
 Description = Annotated[str, Field(max_length=512)]
 
 
+def _all_as_list(value: Any) -> Any:
+    """`"*"` alone means every type, as `["*"]` does."""
+    return [ALL_EVENTS] if value == ALL_EVENTS else value
+
+
 def _known_events(value: list[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -35,11 +40,12 @@ class EndpointCreate(BaseModel):
     enabled_events: list[EventType] = Field(
         default_factory=lambda: [ALL_EVENTS],
         max_length=64,
-        description='Event types to send, or ["*"] (the default) for every type.',
+        description='Event types to send, or "*" / ["*"] (the default) for every type.',
     )
     disabled: StrictBool = Field(default=False, description="Create it disabled.")
 
     _events = field_validator("enabled_events")(_known_events)
+    _star = field_validator("enabled_events", mode="before")(_all_as_list)
 
 
 class EndpointUpdate(BaseModel):
@@ -53,6 +59,7 @@ class EndpointUpdate(BaseModel):
     )
 
     _events = field_validator("enabled_events")(_known_events)
+    _star = field_validator("enabled_events", mode="before")(_all_as_list)
 
 
 class EndpointObject(BaseModel):

@@ -91,18 +91,23 @@ async def update_endpoint(
         await _check_url(settings, changes["url"])
     row = await get_endpoint(session, project_id, endpoint_id, for_update=True)
     now = utcnow()
-    if "url" in changes:
+    deliveries = DeliveryRepository(session, project_id)
+    if "url" in changes and changes["url"] != row.url:
         row.url = changes["url"]
+        row.failing_since = None  # a new receiver starts with a clean record
     if "description" in changes:
         row.description = changes["description"] or ""
     if "enabled_events" in changes:
         row.enabled_events = changes["enabled_events"]
     if changes.get("disabled") is True and row.status == "enabled":
         row.status, row.disabled_reason, row.disabled_at = "disabled", "Disabled by a user.", now
+        await deliveries.hold(row.id)
     elif changes.get("disabled") is False and row.status == "disabled":
         # A fresh start: the failure clock restarts and pending deliveries go out again.
         row.status, row.disabled_reason, row.disabled_at = "enabled", None, None
         row.failing_since = None
+        await deliveries.release(row.id, now)
+        await notify(session)
     row.updated_at = now
     await session.flush()
     return row
@@ -164,7 +169,8 @@ async def payload_of(
 
 async def redeliver(session: AsyncSession, project_id: str, delivery_id: str) -> WebhookDelivery:
     """Send a delivery again now, with a fresh retry schedule (same event, same webhook-id)."""
-    row = await DeliveryRepository(session, project_id).get(delivery_id, for_update=True)
+    deliveries = DeliveryRepository(session, project_id)
+    row = await deliveries.get(delivery_id, for_update=True)
     if row is None:
         raise NotFound(f"No webhook delivery with id '{delivery_id}'.", param="delivery_id")
     now = utcnow()
@@ -173,10 +179,13 @@ async def redeliver(session: AsyncSession, project_id: str, delivery_id: str) ->
             f"Webhook delivery {delivery_id} is being sent right now; try again in a moment.",
             code="delivery_in_progress",
         )
-    row.status = "pending"
-    row.failures = 0
-    row.next_attempt_at = now
-    row.delivered_at = None
-    await session.flush()
+    endpoint = await get_endpoint(session, project_id, row.endpoint_id)
+    if endpoint.status != "enabled":
+        raise Conflict(
+            f"Webhook endpoint {endpoint.id} is disabled; enable it (PATCH disabled=false) to "
+            "redeliver.",
+            code="endpoint_disabled",
+        )
+    await deliveries.requeue(row, now)
     await notify(session)
     return row

@@ -9,7 +9,7 @@ Policy (`TargetPolicy`):
   addresses: private, loopback, link-local, CGNAT, reserved, documentation ... are refused.
 - Development: http and loopback / private addresses are allowed, so that a receiver on the same
   machine works.
-- `allowed_networks` (CIDR) opens addresses that would otherwise be refused.
+- `allowed_networks` (CIDR) opens addresses that would otherwise be refused (metadata excepted).
 - IPv4 embedded in IPv6 (IPv4-mapped, 6to4, NAT64 64:ff9b::/96) is judged as that IPv4 address.
 
 The URL checks (`check_url`, `check_host`) give early feedback when an endpoint is saved. The
@@ -193,11 +193,11 @@ class TargetPolicy:
         embedded = _embedded_ipv4(address)
         judged = embedded or address
         shown = f"{address} (IPv4 {embedded})" if embedded else str(address)
+        never = ", never allowed as a webhook target"
+        if judged in METADATA_ADDRESSES:  # not even inside an allowed network
+            return shown, "a cloud metadata address" + never
         if any(address in n or judged in n for n in self.allowed_networks):
             return None
-        never = ", never allowed as a webhook target"
-        if judged in METADATA_ADDRESSES:
-            return shown, "a cloud metadata address" + never
         if judged.is_unspecified:
             return shown, "the unspecified address" + never
         if judged.is_multicast:
