@@ -104,7 +104,7 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 @contextmanager
-def database(workdir: Path) -> Iterator[str]:
+def database(workdir: Path, name: str = DATABASE) -> Iterator[str]:
     base = os.environ.get("TEST_DATABASE_URL")
     if not base:
         from app.db.embedded import start_embedded_postgres, stop_embedded_postgres
@@ -126,9 +126,9 @@ def database(workdir: Path) -> Iterator[str]:
                 await conn.execute(text(statement))
         await engine.dispose()
 
-    drop = f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"
-    asyncio.run(admin(drop, f"CREATE DATABASE {DATABASE}"))
-    url = make_url(base).set(database=DATABASE).render_as_string(hide_password=False)
+    drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    asyncio.run(admin(drop, f"CREATE DATABASE {name}"))
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
     try:
         upgrade_to_head(url)
         yield url
