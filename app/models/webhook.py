@@ -92,7 +92,16 @@ class WebhookDelivery(CreatedAtMixin, Base):
             "seq",
             postgresql_where=text("status = 'pending'"),
         ),
+        # Per endpoint, its pending deliveries by due time (the dispatcher's claim).
+        Index(
+            "ix_webhook_deliveries_endpoint_due",
+            "endpoint_id",
+            "next_attempt_at",
+            "seq",
+            postgresql_where=text("status = 'pending'"),
+        ),
         Index("ix_webhook_deliveries_endpoint_id_created_at", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_project_id", "project_id"),
         Index("ix_webhook_deliveries_event_id", "event_id"),
     )
 

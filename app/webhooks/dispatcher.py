@@ -28,6 +28,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -52,6 +53,7 @@ log = get_logger("tunegate.webhooks.dispatcher")
 RESPONSE_BODY_LIMIT = 2048
 USER_AGENT = f"tunegate-webhooks/{__version__}"
 WRITE_RETRIES = 3
+COALESCE_SECONDS = 0.005
 
 
 def next_attempt(
@@ -100,6 +102,8 @@ class Dispatcher:
         self.listen = listen
         self.name = f"{socket.gethostname()}:{os.getpid()}"[:128]
         self.sending: set[asyncio.Task[None]] = set()
+        # Sends under way per endpoint (this process), for TUNEGATE_WEBHOOKS__ENDPOINT_CONCURRENCY.
+        self.in_flight: Counter[str] = Counter()
         self.outcomes: list[Outcome] = []
         self.wake = asyncio.Event()
         self.written = asyncio.Event()
@@ -116,6 +120,9 @@ class Dispatcher:
                 self.wake.clear()
                 if await self.claim_and_send() == 0:
                     await self._idle(stop)
+                elif self.sending:
+                    # Let a few more slots free up before the next claim: one claim for several.
+                    await asyncio.sleep(COALESCE_SECONDS)
         finally:
             await self._drain()
             self.closing = True
@@ -134,9 +141,10 @@ class Dispatcher:
         now = utcnow()
         async with self.worker.database.sessionmaker() as session, session.begin():
             claimed = await DispatchQueue(session).claim(
-                now, now + self.settings.webhooks.lease, free, self.per_endpoint
+                now, now + self.settings.webhooks.lease, free, self.per_endpoint, self.in_flight
             )
         for delivery in claimed:
+            self.in_flight[delivery.endpoint_id] += 1
             task = asyncio.create_task(
                 self._send(delivery), name=f"webhooks:{delivery.delivery_id}"
             )
@@ -172,6 +180,10 @@ class Dispatcher:
             outcome = self._outcome(
                 delivery, utcnow(), 0, None, None, f"internal error ({type(exc).__name__})", None
             )
+        finally:
+            self.in_flight[delivery.endpoint_id] -= 1
+            if self.in_flight[delivery.endpoint_id] <= 0:
+                del self.in_flight[delivery.endpoint_id]
         self.outcomes.append(outcome)
         self.written.set()
 

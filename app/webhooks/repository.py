@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, select, update
+from sqlalchemy import DateTime, Integer, and_, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
+from app.db.base import Base
 from app.db.repository import ProjectScopedRepository
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
@@ -130,6 +130,93 @@ class Outcome:
 
 _ATTEMPTS_INSERT = insert(WebhookAttempt)
 
+# One statement for every outcome of a batch (executemany): succeeded, failed for good, or due
+# again later; the lease is released either way.
+_DELIVERIES = Base.metadata.tables["webhook_deliveries"]
+_WHEN = DateTime(timezone=True)
+_SETTLE = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        lease_until=None,
+        last_attempt_at=bindparam("b_started_at"),
+        last_status_code=bindparam("b_status_code"),
+        last_error=bindparam("b_error"),
+        delivered_at=func.coalesce(
+            bindparam("b_delivered_at", type_=_WHEN), _DELIVERIES.c.delivered_at
+        ),
+        next_attempt_at=func.coalesce(
+            bindparam("b_next_attempt_at", type_=_WHEN), _DELIVERIES.c.next_attempt_at
+        ),
+        failures=_DELIVERIES.c.failures + bindparam("b_failed", type_=Integer),
+    )
+)
+
+
+def _settled(outcome: Outcome) -> dict[str, Any]:
+    status = "pending"
+    if outcome.succeeded:
+        status = "succeeded"
+    elif outcome.next_attempt_at is None:
+        status = "failed"
+    return {
+        "b_id": outcome.claimed.delivery_id,
+        "b_status": status,
+        "b_started_at": outcome.started_at,
+        "b_status_code": outcome.status_code,
+        "b_error": _storable(outcome.error),
+        "b_delivered_at": outcome.started_at if outcome.succeeded else None,
+        "b_next_attempt_at": outcome.next_attempt_at,
+        "b_failed": 0 if outcome.succeeded else 1,
+    }
+
+
+# One cached statement (built once, not per call). Per enabled endpoint (LATERAL, on the index
+# of its pending deliveries by due time) the oldest claimable deliveries, numbered; keep those
+# within the endpoint's room; take the first of every endpoint, then the second ...; lock what
+# no other dispatcher has locked meanwhile (SKIP LOCKED, conditions checked again) and lease it.
+_CLAIM = text(
+    """
+    WITH room AS (
+        SELECT * FROM unnest(CAST(:busy_ids AS text[]), CAST(:busy_counts AS int[]))
+            AS r(endpoint_id, in_flight)
+    ), candidates AS (
+        SELECT c.id, c.rank, c.next_attempt_at, c.seq
+        FROM webhook_endpoints e
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.next_attempt_at, d.seq,
+                   row_number() OVER (ORDER BY d.next_attempt_at, d.seq) AS rank
+            FROM webhook_deliveries d
+            WHERE d.endpoint_id = e.id
+              AND d.status = 'pending'
+              AND d.next_attempt_at <= :now
+              AND (d.lease_until IS NULL OR d.lease_until < :now)
+              AND NOT EXISTS (
+                  SELECT 1 FROM webhook_deliveries p
+                  WHERE p.endpoint_id = d.endpoint_id AND p.subject = d.subject
+                    AND p.status = 'pending' AND p.seq < d.seq
+              )
+            ORDER BY d.next_attempt_at, d.seq
+            LIMIT :per_endpoint
+        ) c
+        LEFT JOIN room ON room.endpoint_id = e.id
+        WHERE e.status = 'enabled' AND c.rank <= :per_endpoint - coalesce(room.in_flight, 0)
+        ORDER BY c.rank, c.next_attempt_at, c.seq
+        LIMIT :limit
+    ), picked AS (
+        SELECT w.id FROM webhook_deliveries w JOIN candidates ON candidates.id = w.id
+        WHERE w.status = 'pending' AND (w.lease_until IS NULL OR w.lease_until < :now)
+        FOR UPDATE OF w SKIP LOCKED
+    )
+    UPDATE webhook_deliveries d
+    SET lease_until = :lease_until, attempt_count = d.attempt_count + 1
+    FROM picked WHERE d.id = picked.id
+    RETURNING d.id, d.event_id, d.endpoint_id, d.project_id, d.attempt_count, d.failures,
+              d.seq, d.created_at
+    """
+)
+
 
 class DispatchQueue:
     """The dispatcher's view of every project's deliveries."""
@@ -138,84 +225,30 @@ class DispatchQueue:
         self.session = session
 
     async def claim(
-        self, now: datetime, lease_until: datetime, limit: int, per_endpoint: int
+        self,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        per_endpoint: int,
+        in_flight: Mapping[str, int],
     ) -> list[Claimed]:
-        """Lease up to `limit` due deliveries of enabled endpoints, so that no endpoint has more
-        than `per_endpoint` leased at once (across every dispatcher), taking endpoints in turn
-        (each one's oldest first) so one endpoint's backlog cannot starve the others. A delivery
-        waits while an earlier one to the same endpoint about the same subject is still pending
-        (so a consumer sees a job's events in order)."""
-        earlier = aliased(WebhookDelivery)
-        delivery = WebhookDelivery
-        in_flight = and_(delivery.lease_until.is_not(None), delivery.lease_until >= now)
-        free = (delivery.lease_until.is_(None)) | (delivery.lease_until < now)
-        claimable = and_(
-            delivery.next_attempt_at <= now,
-            free,
-            ~exists().where(
-                earlier.endpoint_id == delivery.endpoint_id,
-                earlier.subject == delivery.subject,
-                earlier.status == "pending",
-                earlier.seq < delivery.seq,
-            ),
-        )
-        # Per endpoint: the deliveries in flight first, then the claimable ones by due time.
-        ranked = (
-            select(
-                delivery.id,
-                claimable.label("claimable"),
-                func.row_number()
-                .over(
-                    partition_by=delivery.endpoint_id,
-                    order_by=(
-                        case((in_flight, 0), else_=1),
-                        delivery.next_attempt_at,
-                        delivery.seq,
-                    ),
-                )
-                .label("rank"),
-            )
-            .join(WebhookEndpoint, WebhookEndpoint.id == delivery.endpoint_id)
-            .where(
-                delivery.status == "pending",
-                WebhookEndpoint.status == "enabled",
-                in_flight | claimable,
-            )
-            .subquery()
-        )
-        picked = (
-            select(delivery.id)
-            .join(ranked, ranked.c.id == delivery.id)
-            .where(
-                ranked.c.claimable,
-                ranked.c.rank <= per_endpoint,
-                # Checked again on the locked row: another dispatcher may have just leased it.
-                delivery.status == "pending",
-                delivery.next_attempt_at <= now,
-                free,
-            )
-            .order_by(ranked.c.rank, delivery.next_attempt_at, delivery.seq)
-            .limit(limit)
-            .with_for_update(of=delivery, skip_locked=True)
-        )
+        """Lease up to `limit` due deliveries of enabled endpoints: per endpoint its oldest, at
+        most `per_endpoint` minus what this dispatcher already has in flight there, endpoints
+        taken in turn so one endpoint's backlog cannot starve the others. A delivery waits while
+        an earlier one to the same endpoint about the same subject is still pending (so a
+        consumer sees a job's events in order)."""
+        busy = sorted(in_flight)
         leased = (
             await self.session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(picked.scalar_subquery()))
-                .values(
-                    lease_until=lease_until,
-                    attempt_count=WebhookDelivery.attempt_count + 1,
-                )
-                .returning(
-                    WebhookDelivery.id,
-                    WebhookDelivery.event_id,
-                    WebhookDelivery.endpoint_id,
-                    WebhookDelivery.project_id,
-                    WebhookDelivery.attempt_count,
-                    WebhookDelivery.failures,
-                    WebhookDelivery.seq,
-                    WebhookDelivery.created_at,
-                )
+                _CLAIM,
+                {
+                    "now": now,
+                    "lease_until": lease_until,
+                    "limit": limit,
+                    "per_endpoint": per_endpoint,
+                    "busy_ids": busy,
+                    "busy_counts": [in_flight[endpoint] for endpoint in busy],
+                },
             )
         ).all()
         if not leased:
@@ -284,15 +317,19 @@ class DispatchQueue:
             .order_by(WebhookEndpoint.id)
             .with_for_update(key_share=True)  # FOR NO KEY UPDATE: emit's KEY SHARE still goes
         )
-        existing = set(
-            await self.session.scalars(
-                select(WebhookDelivery.id)
-                .where(WebhookDelivery.id.in_([o.claimed.delivery_id for o in outcomes]))
-                .order_by(WebhookDelivery.id)
-                .with_for_update()
+        leases = dict(
+            (
+                await self.session.execute(
+                    select(WebhookDelivery.id, WebhookDelivery.lease_until)
+                    .where(WebhookDelivery.id.in_([o.claimed.delivery_id for o in outcomes]))
+                    .order_by(WebhookDelivery.id)
+                    .with_for_update()
+                )
             )
+            .tuples()
+            .all()
         )
-        outcomes = [o for o in outcomes if o.claimed.delivery_id in existing]
+        outcomes = [o for o in outcomes if o.claimed.delivery_id in leases]
         if not outcomes:
             return []
         await self.session.execute(
@@ -311,34 +348,9 @@ class DispatchQueue:
                 for o in outcomes
             ],
         )
-        applied: list[Outcome] = []
-        for outcome in outcomes:
-            values: dict[str, Any] = {
-                "lease_until": None,
-                "last_attempt_at": outcome.started_at,
-                "last_status_code": outcome.status_code,
-                "last_error": _storable(outcome.error),
-            }
-            if outcome.succeeded:
-                values |= {"status": "succeeded", "delivered_at": outcome.started_at}
-            elif outcome.next_attempt_at is None:
-                values |= {"status": "failed", "failures": WebhookDelivery.failures + 1}
-            else:
-                values |= {
-                    "next_attempt_at": outcome.next_attempt_at,
-                    "failures": WebhookDelivery.failures + 1,
-                }
-            written = await self.session.scalar(
-                update(WebhookDelivery)
-                .where(
-                    WebhookDelivery.id == outcome.claimed.delivery_id,
-                    WebhookDelivery.lease_until == outcome.claimed.lease_until,
-                )
-                .values(**values)
-                .returning(WebhookDelivery.id)
-            )
-            if written is not None:
-                applied.append(outcome)
+        applied = [o for o in outcomes if leases[o.claimed.delivery_id] == o.claimed.lease_until]
+        if applied:
+            await self.session.execute(_SETTLE, [_settled(o) for o in applied])
         return applied
 
     async def mark_healthy(self, endpoint_ids: Sequence[str]) -> None:
