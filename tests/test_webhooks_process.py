@@ -228,14 +228,14 @@ def test_a_slow_receiver_does_not_stall_other_endpoints(
     slow = endpoint(api, receiver.url("/slow"))
     fast = endpoint(api, receiver.url("/fast"))
     slow_sent = [send_test(api, slow["id"]) for _ in range(6)]
-    begun = time.monotonic()
     fast_sent = [send_test(api, fast["id"]) for _ in range(6)]
-    wait_for(lambda: len(receiver.at("/fast")) == 6, 10, "the fast endpoint's deliveries")
-    fast_took = time.monotonic() - begun
-    slow_done = len(receiver.at("/slow"))
-    assert fast_took < 1.5 and slow_done <= 2, (fast_took, slow_done)
     for sent in slow_sent + fast_sent:
         wait_for(settled(api, sent["id"]), 20, "every delivery")
+    # The slow one takes its six in three waves of two (1.5 s each); the fast one's six all
+    # arrived before the third wave began.
+    slow_starts = sorted(r.started for r in receiver.at("/slow"))
+    fast_done = max(r.finished for r in receiver.at("/fast"))
+    assert fast_done < slow_starts[4], (fast_done - slow_starts[0], slow_starts)
     # Never more than TUNEGATE_WEBHOOKS__ENDPOINT_CONCURRENCY (2) at once to the slow one.
     moments = sorted(
         [(r.started, 1) for r in receiver.at("/slow")]
@@ -292,12 +292,12 @@ def test_one_endpoints_backlog_does_not_starve_another(
     busy = endpoint(api, receiver.url("/backlog"))
     quiet = endpoint(api, receiver.url("/quiet"))
     backlog = [send_test(api, busy["id"]) for _ in range(60)]  # 9 s at 2 at a time
-    begun = time.monotonic()
     for _ in range(3):
         send_test(api, quiet["id"])
-    wait_for(lambda: len(receiver.at("/quiet")) == 3, 5, "the quiet endpoint's deliveries")
-    assert time.monotonic() - begun < 2.0
-    assert len(receiver.at("/backlog")) < len(backlog)
+    wait_for(lambda: len(receiver.at("/quiet")) == 3, 10, "the quiet endpoint's deliveries")
+    quiet_done = max(r.finished for r in receiver.at("/quiet"))
+    backlog_before = [r for r in receiver.at("/backlog") if r.finished <= quiet_done]
+    assert len(backlog_before) < len(backlog) / 2, len(backlog_before)
     api.patch(f"/v1/webhook_endpoints/{busy['id']}", json={"disabled": True})
 
 

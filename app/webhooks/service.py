@@ -3,6 +3,7 @@ send a test event, delete; the delivery log and redelivery."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -19,14 +20,23 @@ from app.webhooks.repository import DeliveryRepository, EndpointRepository
 from app.webhooks.schemas import EndpointCreate, EndpointObject, EndpointUpdate
 from app.webhooks.targets import TargetPolicy, UnsafeTarget
 
+DNS_TIMEOUT_SECONDS = 5.0
+
 
 def policy_of(settings: Settings) -> TargetPolicy:
     return TargetPolicy.of(settings.is_production, settings.webhooks.allowed_networks)
 
 
 async def _check_url(settings: Settings, url: str) -> None:
+    policy = policy_of(settings)
     try:
-        await policy_of(settings).check_host(url)
+        try:
+            async with asyncio.timeout(DNS_TIMEOUT_SECONDS):
+                await policy.check_host(url)
+        except TimeoutError:
+            # A name that does not answer in time is checked at delivery time, like one that
+            # does not resolve yet; its syntax is checked now.
+            policy.check_url(url)
     except UnsafeTarget as exc:
         raise InvalidPayload(
             f"The webhook URL is refused: {exc}", param="url", code="unsafe_url"
