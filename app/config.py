@@ -188,6 +188,8 @@ class WebhooksSettings(BaseModel):
     allowed_networks: list[str] = Field(default_factory=list)
     # Webhook endpoints per project.
     max_endpoints: int = Field(default=50, ge=1, le=10_000)
+    # Settled deliveries (with their attempts) and their events are deleted after this long.
+    retention: timedelta = timedelta(days=30)
 
     @model_validator(mode="after")
     def _lease_outlasts_timeout(self) -> WebhooksSettings:

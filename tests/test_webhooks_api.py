@@ -5,10 +5,14 @@ and the deliveries it causes are written together)."""
 from __future__ import annotations
 
 import base64
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import func, select, update
 
-from app.models import Scope
+from app.kit.time import utcnow
+from app.models import Scope, WebhookDelivery, WebhookEvent
+from app.webhooks.repository import DispatchQueue
 from tests.datasets import adder_jsonl
 from tests.test_auth import assert_envelope
 
@@ -204,3 +208,34 @@ async def test_star_alone_means_every_event_and_redelivery_rules(api) -> None:
     await api.patch(path, json={"disabled": False})
     released = (await api.get(f"/v1/webhook_deliveries/{delivery['id']}")).json()
     assert released["next_attempt_at"] is not None
+
+
+async def test_settled_deliveries_and_their_events_are_purged_after_retention(api, session) -> None:
+    """What the dispatcher runs hourly: settled deliveries older than the retention go with
+    their attempts and events; pending ones and recent ones stay."""
+    created = await create(api)
+    path = f"{ENDPOINTS}/{created['id']}"
+    old, recent, waiting = [(await api.post(f"{path}/test")).json() for _ in range(3)]
+    long_ago = utcnow() - timedelta(days=40)
+    await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_([old["id"], recent["id"]]))
+        .values(status="succeeded")
+    )
+    await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_([old["id"], waiting["id"]]))
+        .values(created_at=long_ago)
+    )
+    await session.execute(
+        update(WebhookEvent)
+        .where(WebhookEvent.id.in_([old["event_id"], waiting["event_id"]]))
+        .values(created_at=long_ago)
+    )
+    assert await DispatchQueue(session).purge(utcnow() - timedelta(days=30)) == 1
+    left = set(await session.scalars(select(WebhookDelivery.id)))
+    assert old["id"] not in left and {recent["id"], waiting["id"]} <= left
+    events = set(await session.scalars(select(WebhookEvent.id)))
+    assert old["event_id"] not in events and waiting["event_id"] in events
+    assert await session.scalar(select(func.count()).select_from(WebhookEvent)) == len(events)
+    assert_envelope(await api.get(f"/v1/webhook_deliveries/{old['id']}"), 404)

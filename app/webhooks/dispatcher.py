@@ -54,6 +54,9 @@ RESPONSE_BODY_LIMIT = 2048
 USER_AGENT = f"tunegate-webhooks/{__version__}"
 WRITE_RETRIES = 3
 COALESCE_SECONDS = 0.005
+PURGE_EVERY_SECONDS = 3600.0
+PURGE_BATCH = 1000
+PURGE_BATCHES = 50
 
 
 def next_attempt(
@@ -108,6 +111,7 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self.written = asyncio.Event()
         self.closing = False
+        self.next_purge = 0.0  # at start, then hourly
         self.metrics = worker.webhook_metrics
 
     # -- the loop ---------------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Dispatcher:
         writer = asyncio.create_task(self._write_loop(), name="webhooks:writer")
         try:
             while not stop.is_set():
+                await self._purge_when_due()
                 self.wake.clear()
                 if await self.claim_and_send() == 0:
                     await self._idle(stop)
@@ -132,6 +137,23 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     await listener.close(timeout=2)
             await self.client.aclose()
+
+    async def _purge_when_due(self) -> None:
+        """Hourly: settled deliveries and their events older than TUNEGATE_WEBHOOKS__RETENTION
+        go, a batch per short transaction."""
+        if time.monotonic() < self.next_purge:
+            return
+        self.next_purge = time.monotonic() + PURGE_EVERY_SECONDS
+        before = utcnow() - self.settings.webhooks.retention
+        purged = 0
+        for _ in range(PURGE_BATCHES):
+            async with self.worker.database.sessionmaker() as session, session.begin():
+                count = await DispatchQueue(session).purge(before, PURGE_BATCH)
+            purged += count
+            if count < PURGE_BATCH:
+                break
+        if purged:
+            log.info("webhook deliveries purged", count=purged, before=before.isoformat())
 
     async def claim_and_send(self) -> int:
         """Claim what free slots allow and start sending it; how many were claimed."""

@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, and_, bindparam, func, select, text, update
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -393,6 +404,40 @@ class DispatchQueue:
             .with_for_update()
         )
         return rows.all()
+
+    async def purge(self, before: datetime, batch: int = 1000) -> int:
+        """Delete up to `batch` deliveries settled (succeeded or failed) and made before
+        `before`, their attempts with them, and up to `batch` events from before then that
+        have no delivery left (theirs purged, or their endpoint deleted); how many deliveries
+        went."""
+        doomed = (
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.status.in_(("succeeded", "failed")),
+                WebhookDelivery.created_at < before,
+            )
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        gone = (
+            await self.session.scalars(
+                delete(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(doomed))
+                .returning(WebhookDelivery.id)
+            )
+        ).all()
+        orphans = (
+            select(WebhookEvent.id)
+            .where(
+                WebhookEvent.created_at < before,
+                ~exists().where(WebhookDelivery.event_id == WebhookEvent.id),
+            )
+            .limit(batch)
+            .scalar_subquery()
+        )
+        await self.session.execute(delete(WebhookEvent).where(WebhookEvent.id.in_(orphans)))
+        return len(gone)
 
 
 def _storable(text: str | None) -> str | None:
