@@ -55,6 +55,7 @@ USER_AGENT = f"tunegate-webhooks/{__version__}"
 WRITE_RETRIES = 3
 COALESCE_SECONDS = 0.005
 PURGE_EVERY_SECONDS = 3600.0
+LISTEN_RETRY_SECONDS = 30.0
 PURGE_BATCH = 1000
 PURGE_BATCHES = 50
 
@@ -112,16 +113,19 @@ class Dispatcher:
         self.written = asyncio.Event()
         self.closing = False
         self.next_purge = 0.0  # at start, then hourly
+        self.listener: Any = None
+        self.next_listen = 0.0
         self.metrics = worker.webhook_metrics
 
     # -- the loop ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener = await self._listen() if self.listen else None
+        await self._keep_listening()
         writer = asyncio.create_task(self._write_loop(), name="webhooks:writer")
         try:
             while not stop.is_set():
                 await self._purge_when_due()
+                await self._keep_listening()
                 self.wake.clear()
                 if await self.claim_and_send() == 0:
                     await self._idle(stop)
@@ -133,9 +137,9 @@ class Dispatcher:
             self.closing = True
             self.written.set()
             await writer
-            if listener is not None:
+            if self.listener is not None:
                 with contextlib.suppress(Exception):
-                    await listener.close(timeout=2)
+                    await self.listener.close(timeout=2)
             await self.client.aclose()
 
     async def _purge_when_due(self) -> None:
@@ -358,6 +362,16 @@ class Dispatcher:
                 )
 
     # -- LISTEN/NOTIFY ----------------------------------------------------------------------
+
+    async def _keep_listening(self) -> None:
+        """(Re)open the LISTEN connection when it is missing or was lost, at most every 30 s;
+        meanwhile the poll finds new work."""
+        if not self.listen or (self.listener is not None and not self.listener.is_closed()):
+            return
+        if time.monotonic() < self.next_listen:
+            return
+        self.next_listen = time.monotonic() + LISTEN_RETRY_SECONDS
+        self.listener = await self._listen()
 
     async def _listen(self) -> Any:
         """A connection of our own LISTENing for new events; None (polling only) on failure."""
