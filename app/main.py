@@ -22,6 +22,7 @@ from app.db.migrate import is_at_head
 from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
+from app.inference.endpoints import router as inference_router
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.provider_webhooks import router as provider_webhooks_router
 from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_error_handlers
@@ -145,6 +146,7 @@ def create_app(
     app.include_router(jobs_router)
     app.include_router(provider_webhooks_router)
     app.include_router(models_router)
+    app.include_router(inference_router)
     app.include_router(webhook_endpoints_router)
     app.include_router(webhook_deliveries_router)
     document_webhooks(app)

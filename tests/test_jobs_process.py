@@ -205,12 +205,36 @@ def test_a_job_runs_to_succeeded_and_its_model_is_served_by_the_models_api(
     assert client.files.retrieve(result_file).purpose == "fine-tune-results"
     assert client.files.content(result_file).text.startswith("step,")
 
+    # The fine-tuned model answers through tunegate (the emulator answers trained prompts with
+    # the trained answer), its base model does not.
+    asked = [
+        {"role": "system", "content": "You add numbers."},
+        {"role": "user", "content": "3 + 3?"},
+    ]
+    tuned = client.chat.completions.create(model=done.fine_tuned_model, messages=asked)
+    assert tuned.choices[0].message.content == "6" and tuned.model == done.fine_tuned_model
+    assert tuned.usage is not None and tuned.usage.completion_tokens >= 1
+    base = client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=asked)
+    assert base.choices[0].message.content != "6"
+    streamed = client.chat.completions.create(
+        model=done.fine_tuned_model,
+        messages=asked,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "6"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
     model = client.models.retrieve(done.fine_tuned_model)
     assert model.id == done.fine_tuned_model and model.object == "model"
     assert done.fine_tuned_model in {m.id for m in client.models.list()}
     assert client.models.delete(done.fine_tuned_model).deleted is True
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve(done.fine_tuned_model)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.chat.completions.create(model=done.fine_tuned_model, messages=asked)
+    assert gone.value.code == "model_not_found"
 
     # The webhooks of all this reached a subscribed receiver, each verifiable, in order.
     def types() -> list[str]:
@@ -273,3 +297,41 @@ def test_pause_and_resume_go_through_to_the_provider(
     assert resumed.status == "running" and upstream_status() == "running"
     client.fine_tuning.jobs.cancel(job.id)
     assert upstream_status() == "cancelled"
+
+
+def test_chat_completions_reach_base_models_and_upstream_errors_keep_openais_shape(
+    client: openai.OpenAI, emulator: httpx.Client
+) -> None:
+    hello = [{"role": "user", "content": "hello there"}]
+    answer = client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=hello)
+    assert answer.object == "chat.completion" and answer.choices[0].message.content
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="gpt-4o-mini-2024-07-18", messages=hello, stream=True
+        )
+        if c.choices
+    ]
+    assert len(pieces) > 1 and "".join(pieces) == answer.choices[0].message.content
+    try:
+        emulator.post("/_emulator/faults", json={"rate_limit": 1})
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=hello)
+        assert limited.value.status_code == 429
+        assert limited.value.response.headers.get("retry-after")
+        emulator.post("/_emulator/faults", json={"server_error": 1})
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=hello)
+        assert failed.value.status_code == 502 and failed.value.code == "upstream_error"
+        emulator.post("/_emulator/faults", json={"rate_limit": 1})
+        with pytest.raises(openai.RateLimitError):  # before the first chunk: a plain 429
+            list(
+                client.chat.completions.create(
+                    model="gpt-4o-mini-2024-07-18", messages=hello, stream=True
+                )
+            )
+    finally:
+        emulator.delete("/_emulator/faults")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-unknown", messages=hello)
+    assert unknown.value.code == "model_not_found"

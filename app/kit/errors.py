@@ -93,6 +93,20 @@ class ServiceUnavailable(APIError):
     code = "service_unavailable"
 
 
+class BadGateway(APIError):
+    """The upstream provider failed (5xx, a broken connection, an answer we cannot use)."""
+
+    status_code = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class GatewayTimeout(APIError):
+    status_code = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
 def error_body(
     message: str,
     *,

@@ -1,0 +1,1 @@
+"""OpenAI-compatible inference: chat completions for base and fine-tuned models."""

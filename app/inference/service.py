@@ -1,0 +1,125 @@
+"""Which provider answers a model for a project, and provider errors in OpenAI's envelope.
+
+A model is one of: a fine-tuned model of the caller's project (not deleted), a checkpoint of
+one of its jobs, or a base model of a configured provider. Anything else — another project's
+model included — is 404 `model_not_found`, as OpenAI answers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.kit.errors import (
+    APIError,
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServiceUnavailable,
+)
+from app.models import Job, JobCheckpoint
+from app.providers.base import (
+    Provider,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderError,
+    ProviderNotFound,
+    ProviderPermissionDenied,
+    ProviderRateLimited,
+    ProviderTimeout,
+)
+from app.registry import service as registry
+from app.registry.repository import FineTunedModelRepository
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    provider: Provider
+
+
+def model_not_found(model: str) -> NotFound:
+    return NotFound(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def resolve(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    providers: dict[str, Provider],
+    project_id: str,
+    model: str,
+) -> Route:
+    """The provider for `model`, read in a short session of its own (no transaction stays open
+    while the provider answers)."""
+    async with sessionmaker() as session:
+        provider_name = await _provider_of(session, set(providers), project_id, model)
+    if provider_name is None:
+        raise model_not_found(model)
+    provider = providers.get(provider_name)
+    if provider is None:
+        raise ServiceUnavailable(
+            f"The provider '{provider_name}' of the model `{model}` is not configured.",
+            code="provider_not_configured",
+        )
+    return Route(model=model, provider=provider)
+
+
+async def _provider_of(
+    session: AsyncSession, configured: set[str], project_id: str, model: str
+) -> str | None:
+    tuned = await FineTunedModelRepository(session, project_id).get(model)
+    if tuned is not None:
+        return tuned.provider
+    if model.startswith("ft:"):
+        checkpoint_provider: str | None = await session.scalar(
+            select(Job.provider)
+            .join(JobCheckpoint, JobCheckpoint.job_id == Job.id)
+            .where(
+                JobCheckpoint.project_id == project_id,
+                JobCheckpoint.fine_tuned_model_checkpoint == model,
+            )
+            .limit(1)
+        )
+        return checkpoint_provider
+    for entry in await registry.base_models(session, configured):
+        if entry.id == model:
+            return entry.provider
+    return None
+
+
+def upstream_error(exc: ProviderError, model: str) -> APIError:
+    """A provider failure as the caller should see it: 429 keeps its Retry-After, a timeout is
+    504, a provider that fails or cannot be reached 502, a refused request 400 (its message)."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, ProviderRateLimited):
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return RateLimited(
+            f"The provider is rate limiting requests: {detail}",
+            code=exc.code or "rate_limit_exceeded",
+            headers=headers,
+        )
+    if isinstance(exc, ProviderTimeout):
+        return GatewayTimeout(f"The provider did not answer in time: {detail}")
+    if isinstance(exc, ProviderNotFound):
+        return model_not_found(model)
+    if isinstance(exc, ProviderBadRequest):
+        return BadRequest(detail, param=exc.param, code=exc.code or "invalid_request")
+    if isinstance(exc, ProviderPermissionDenied):
+        return PermissionDenied(detail, code=exc.code or "provider_permission_denied")
+    if isinstance(exc, ProviderAuthError):
+        return BadGateway(
+            "The provider refused tunegate's credentials; an operator must fix its API key.",
+            code="upstream_auth_failed",
+        )
+    return BadGateway(f"The provider failed: {detail}")

@@ -1,0 +1,88 @@
+"""`/v1/chat/completions` in-process: who may call which model (no provider is called before the
+model is resolved for the caller's project), and bad bodies in OpenAI's envelope. The answers
+themselves, streamed and not, come from the emulator in tests/test_jobs_process.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.kit.time import utcnow
+from app.models import FineTunedModel, Job, Scope
+from tests.test_auth import assert_envelope
+
+CHAT = "/v1/chat/completions"
+TUNED = "ft:gpt-4o-mini-2024-07-18:acme:bot:abc123"
+
+
+@pytest.fixture
+async def owner(factories, session):
+    credentials = await factories.key(scope=Scope.read)
+    job = Job(
+        id="ftjob-inference0000000000001",
+        project_id=credentials.project.id,
+        provider="openai",
+        model="gpt-4o-mini-2024-07-18",
+        training_file="file-x",
+        method={"type": "supervised"},
+        hyperparameters={},
+        status="succeeded",
+        result_files=[],
+        submit_attempts=1,
+    )
+    session.add(job)
+    await session.flush()
+    session.add(
+        FineTunedModel(
+            id=TUNED,
+            project_id=credentials.project.id,
+            provider="openai",
+            base_model=job.model,
+            job_id=job.id,
+            created_at=utcnow(),
+        )
+    )
+    await session.commit()
+    return credentials
+
+
+def ask(model: str, **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+async def test_another_projects_fine_tuned_model_is_not_found(owner, client_for, factories):
+    mine = client_for(owner.key)
+    other = client_for((await factories.key(scope=Scope.read)).key)
+    # The owner's request gets as far as the provider, which this app does not have.
+    assert_envelope(await mine.post(CHAT, json=ask(TUNED)), 503, "provider_not_configured")
+    error = assert_envelope(await other.post(CHAT, json=ask(TUNED)), 404, "model_not_found")
+    assert error["param"] == "model" and TUNED in error["message"]
+    assert_envelope(await other.post(CHAT, json=ask(TUNED, stream=True)), 404, "model_not_found")
+    assert_envelope(await mine.post(CHAT, json=ask("ft:nope:x:y:z")), 404, "model_not_found")
+    assert_envelope(await mine.post(CHAT, json=ask("gpt-nonexistent")), 404, "model_not_found")
+
+
+async def test_a_deleted_model_is_not_found(owner, client_for, session):
+    tuned = await session.get(FineTunedModel, TUNED)
+    tuned.deleted_at = utcnow()
+    await session.commit()
+    mine = client_for(owner.key)
+    assert_envelope(await mine.post(CHAT, json=ask(TUNED)), 404, "model_not_found")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"model": "gpt-4o-mini", "messages": []},
+        {"model": "gpt-4o-mini", "messages": "hi"},
+        {"model": 5, "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "gpt-4o-mini", "messages": [{"role": "user"}], "stream": "yes"},
+    ],
+)
+async def test_bad_bodies_are_refused_in_the_envelope(owner, client_for, body) -> None:
+    response = await client_for(owner.key).post(CHAT, json=body)
+    assert_envelope(response, 422)
+
+
+async def test_no_key_is_401(client) -> None:
+    assert_envelope(await client.post(CHAT, json=ask("gpt-4o-mini")), 401, "invalid_api_key")
