@@ -211,6 +211,12 @@ class WebhooksSettings(BaseModel):
         return self
 
 
+class InferenceSettings(BaseModel):
+    # How long a chat completion may wait for the provider (the answer, or the next chunk of a
+    # stream) before the caller gets 504.
+    timeout: timedelta = timedelta(seconds=120)
+
+
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -249,6 +255,7 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     jobs: JobsSettings = JobsSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
+    inference: InferenceSettings = InferenceSettings()
 
     # Read from the names the openai SDK itself uses.
     openai_api_key: SecretStr | None = Field(

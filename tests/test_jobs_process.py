@@ -66,6 +66,7 @@ def server(
         TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING="PT0.3S",
         TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED="PT0.3S",
         TUNEGATE_JOBS__SYNC_INTERVAL_PAUSED="PT0.3S",
+        TUNEGATE_INFERENCE__TIMEOUT="PT1.5S",
         OPENAI_API_KEY="sk-emulator-key",
         OPENAI_BASE_URL=f"{emulator.base_url}/v1",
     )
@@ -323,6 +324,11 @@ def test_chat_completions_reach_base_models_and_upstream_errors_keep_openais_sha
         with pytest.raises(openai.InternalServerError) as failed:
             client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=hello)
         assert failed.value.status_code == 502 and failed.value.code == "upstream_error"
+        emulator.post("/_emulator/faults", json={"slow_seconds": 3})
+        with pytest.raises(openai.InternalServerError) as late:  # TUNEGATE_INFERENCE__TIMEOUT
+            client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=hello)
+        assert late.value.status_code == 504 and late.value.code == "upstream_timeout"
+        emulator.delete("/_emulator/faults")
         emulator.post("/_emulator/faults", json={"rate_limit": 1})
         with pytest.raises(openai.RateLimitError):  # before the first chunk: a plain 429
             list(

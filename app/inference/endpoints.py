@@ -56,17 +56,20 @@ async def create_chat_completion(
         state.database.sessionmaker, state.providers or {}, principal.project_id, body.model
     )
     payload = body.model_dump(exclude_none=True)
+    timeout = state.settings.inference.timeout.total_seconds()
     if body.stream:
-        return await _stream(route.provider, payload, body.model)
+        return await _stream(route.provider, payload, body.model, timeout)
     try:
-        answer = await route.provider.chat_completion(payload)
+        answer = await route.provider.chat_completion(payload, wait_seconds=timeout)
     except ProviderError as exc:
         raise service.upstream_error(exc, body.model) from None
     return Response(orjson.dumps(answer), media_type="application/json")
 
 
-async def _stream(provider: Provider, payload: dict[str, Any], model: str) -> Response:
-    chunks = provider.stream_chat_completion(payload)
+async def _stream(
+    provider: Provider, payload: dict[str, Any], model: str, wait_seconds: float
+) -> Response:
+    chunks = provider.stream_chat_completion(payload, wait_seconds=wait_seconds)
     try:
         first = await anext(chunks)  # errors before any chunk: a plain error response
     except StopAsyncIteration:

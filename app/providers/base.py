@@ -240,13 +240,19 @@ class Provider(ABC):
     async def delete_model(self, model_id: str) -> None: ...
 
     @abstractmethod
-    async def chat_completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streamed chat completion; `body` is OpenAI's request body, passed through."""
+    async def chat_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """A non-streamed chat completion; `body` is OpenAI's request body, passed through.
+        `wait_seconds` bounds the wait for the provider when given."""
 
     @abstractmethod
-    def stream_chat_completion(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Streamed chunks as dicts. The request is sent on the first iteration (so errors
-        before any chunk surface there); closing the iterator closes the upstream request."""
+    def stream_chat_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Streamed chunks as dicts (`wait_seconds`: for the answer, and between chunks). The
+        request is sent on the first iteration (so errors before any chunk surface there);
+        closing the iterator closes the upstream request."""
 
     @abstractmethod
     async def list_base_models(self) -> list[BaseModelInfo]: ...

@@ -402,7 +402,9 @@ class OpenAIProvider(Provider):
 
     # Chat
 
-    async def chat_completion(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> dict[str, Any]:
         # Which method was called decides streaming, not the body's `stream` flag.
         request = {key: value for key, value in body.items() if key != "stream"}
         with self._translated():
@@ -410,19 +412,21 @@ class OpenAIProvider(Provider):
                 "/chat/completions",
                 body=request,
                 cast_to=object,
-                options={"security": {"bearer_auth": True}},
+                options=_chat_options(wait_seconds),
             )
         if not isinstance(answer, dict):
             raise ProviderServerError("OpenAI answered a chat completion with no JSON object.")
         return cast(dict[str, Any], answer)
 
-    async def stream_chat_completion(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream_chat_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         with self._translated():
             stream = await self._client.post(
                 "/chat/completions",
                 body={**body, "stream": True},
                 cast_to=object,
-                options={"security": {"bearer_auth": True}},
+                options=_chat_options(wait_seconds),
                 stream=True,
                 stream_cls=AsyncStream[object],
             )
@@ -435,6 +439,13 @@ class OpenAIProvider(Provider):
             # Also reached when our caller closes this iterator early: the upstream response
             # (and its connection) is released instead of being read to the end.
             await stream.close()
+
+
+def _chat_options(timeout: float | None) -> Any:
+    options: dict[str, Any] = {"security": {"bearer_auth": True}}
+    if timeout is not None:
+        options["timeout"] = timeout
+    return options
 
 
 def _job(raw: dict[str, Any]) -> ProviderJob:
