@@ -341,3 +341,29 @@ def test_chat_completions_reach_base_models_and_upstream_errors_keep_openais_sha
     with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="gpt-unknown", messages=hello)
     assert unknown.value.code == "model_not_found"
+
+
+def test_a_client_that_disconnects_mid_stream_closes_the_upstream_request(
+    client: openai.OpenAI, emulator: httpx.Client
+) -> None:
+    def streams() -> dict[str, int]:
+        return dict(emulator.get("/_emulator/streams").json())
+
+    before = streams()
+    words = [{"role": "user", "content": " ".join(["word"] * 40)}]
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini-2024-07-18",
+        messages=words,
+        stream=True,
+        extra_body={"emulator_chunk_delay": 0.25},  # passes through tunegate untouched
+    )
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    assert streams()["started"] == before["started"] + 1
+    closed_at = time.monotonic()
+    stream.close()
+    wait_for(
+        lambda: streams()["cancelled"] > before["cancelled"], 5, "the upstream stream to close"
+    )
+    assert time.monotonic() - closed_at < 3  # not the ~10 s the whole answer takes
+    assert streams()["finished"] == before["finished"]

@@ -136,6 +136,10 @@ def _require_key(request: Request) -> None:
 def _control_router(state: EmulatorState, webhooks: WebhookSender) -> APIRouter:
     router = APIRouter(prefix=CONTROL_PREFIX)
 
+    @router.get("/streams")
+    async def get_streams() -> dict[str, Any]:
+        return {key: state.streams[key] for key in ("started", "finished", "cancelled")}
+
     @router.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "speed": state.speed, "organization": state.organization}

@@ -8,6 +8,7 @@ can tell a tuned model from its base. `max_tokens`/`max_completion_tokens`, `sto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -116,7 +117,9 @@ def chat_router(state: EmulatorState) -> APIRouter:
             options = optional_object(body, "stream_options") or {}
             include_usage = options.get("include_usage") is True
             chunks = _chunks(head | extra, content, finish_reason, choices, usage, include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
+            return StreamingResponse(
+                _observed(state, chunks, _chunk_delay(body)), media_type="text/event-stream"
+            )
         message: dict[str, Any] = {
             "role": "assistant",
             "content": content,
@@ -135,6 +138,33 @@ def chat_router(state: EmulatorState) -> APIRouter:
         }
 
     return router
+
+
+def _chunk_delay(body: dict[str, Any]) -> float:
+    """Test knob (not OpenAI's): `emulator_chunk_delay` seconds before each streamed chunk."""
+    delay = body.get("emulator_chunk_delay")
+    if delay is None:
+        return 0.0
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 5:
+        raise invalid_value("emulator_chunk_delay", "expected seconds between 0 and 5.")
+    return float(delay)
+
+
+async def _observed(
+    state: EmulatorState, chunks: AsyncIterator[str], delay: float
+) -> AsyncIterator[str]:
+    """Counts streams started, finished and cancelled (the client went away), for
+    `GET /_emulator/streams`; waits `delay` before each chunk."""
+    state.streams["started"] += 1
+    try:
+        async for chunk in chunks:
+            if delay:
+                await asyncio.sleep(delay)
+            yield chunk
+    except (asyncio.CancelledError, GeneratorExit):
+        state.streams["cancelled"] += 1
+        raise
+    state.streams["finished"] += 1
 
 
 async def _chunks(

@@ -124,6 +124,8 @@ class EmulatorState:
     finishing: list[tuple[float, str]] = field(default_factory=list)
     """A heap of (wall-clock time the job ends by itself, job id) of jobs not yet ended."""
     jobs_by_short_id: dict[str, StoredJob] = field(default_factory=dict)
+    streams: Counter[str] = field(default_factory=Counter)
+    """Streamed chat completions: started, finished, cancelled (the client went away)."""
 
     @classmethod
     def create(cls, speed: float, organization: str, faults: FaultConfig | None) -> EmulatorState:
