@@ -215,6 +215,8 @@ class InferenceSettings(BaseModel):
     # How long a chat completion may wait for the provider (the answer, or the next chunk of a
     # stream) before the caller gets 504.
     timeout: timedelta = timedelta(seconds=120)
+    # Usage records are written in batches this often (and when 500 are waiting).
+    usage_flush_interval: timedelta = timedelta(seconds=1)
 
 
 class OpenAISettings(BaseModel):

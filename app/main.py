@@ -23,6 +23,7 @@ from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
 from app.inference.endpoints import router as inference_router
+from app.inference.usage import UsageRecorder
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.provider_webhooks import router as provider_webhooks_router
 from app.kit.http import RequestContextMiddleware, body_limit_by_path, install_error_handlers
@@ -88,6 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if runner is not None:
             await runner.stop(settings.server.graceful_shutdown.total_seconds())
+        await app.state.usage.close()
         if owns_storage:
             await app.state.storage.close()
         if owns_providers:
@@ -130,6 +132,10 @@ def create_app(
         registry=app.state.metrics_registry,
     )
     app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
+    app.state.usage = UsageRecorder(
+        lambda: app.state.database.sessionmaker,
+        settings.inference.usage_flush_interval.total_seconds(),
+    )
 
     install_error_handlers(app)
     app.add_middleware(

@@ -67,6 +67,7 @@ def server(
         TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED="PT0.3S",
         TUNEGATE_JOBS__SYNC_INTERVAL_PAUSED="PT0.3S",
         TUNEGATE_INFERENCE__TIMEOUT="PT1.5S",
+        TUNEGATE_INFERENCE__USAGE_FLUSH_INTERVAL="PT0.2S",
         OPENAI_API_KEY="sk-emulator-key",
         OPENAI_BASE_URL=f"{emulator.base_url}/v1",
     )
@@ -367,3 +368,42 @@ def test_a_client_that_disconnects_mid_stream_closes_the_upstream_request(
     )
     assert time.monotonic() - closed_at < 3  # not the ~10 s the whole answer takes
     assert streams()["finished"] == before["finished"]
+
+
+def test_usage_totals_match_what_the_upstream_reported(
+    client: openai.OpenAI, server: RunningServer
+) -> None:
+    base = "gpt-4o-mini-2024-07-18"
+    http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    def totals() -> dict[str, Any]:
+        report = http.get("/v1/usage", params={"group_by": "model"}).json()
+        return next((row for row in report["data"] if row["key"] == base), {"requests": 0})
+
+    time.sleep(0.6)  # earlier tests' records are written
+    before = totals()
+    asked = [{"role": "user", "content": "count these five words please"}]
+    plain = [client.chat.completions.create(model=base, messages=asked) for _ in range(2)]
+    chunks = list(client.chat.completions.create(model=base, messages=asked, stream=True))
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for: not forwarded
+    with_usage = list(
+        client.chat.completions.create(
+            model=base, messages=asked, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    reported = [answer.usage for answer in plain] + [plain[0].usage, with_usage[-1].usage]
+    expected = {
+        "requests": before["requests"] + 4,
+        "prompt_tokens": before.get("prompt_tokens", 0) + sum(u.prompt_tokens for u in reported),
+        "completion_tokens": before.get("completion_tokens", 0)
+        + sum(u.completion_tokens for u in reported),
+    }
+    after = wait_for(
+        lambda: (found := totals())["requests"] >= expected["requests"] and found, 10, "usage"
+    )
+    assert {k: after[k] for k in expected} == expected
+    assert after["total_tokens"] == after["prompt_tokens"] + after["completion_tokens"]
+    by_day = http.get("/v1/usage", params={"group_by": "day"}).json()
+    assert by_day["totals"]["requests"] >= after["requests"]
+    assert http.get("/v1/usage", params={"start": 10, "end": 5}).status_code == 422
+    http.close()

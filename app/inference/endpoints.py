@@ -10,17 +10,25 @@ upstream request at once (the provider's stream is closed when ours is).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import Response, StreamingResponse
 
 from app.auth.dependencies import ReadPrincipal
+from app.auth.service import Principal
+from app.db.session import SessionDep
 from app.inference import service
-from app.kit.http import ERROR_RESPONSES, JSONRoute
+from app.inference.repository import UsageRepository
+from app.inference.usage import UsageRecorder
+from app.kit.errors import InvalidPayload
+from app.kit.http import ERROR_RESPONSES, JSONRoute, request_id_of
+from app.kit.time import utcnow
 from app.providers.base import Provider, ProviderError
 
 router = APIRouter(
@@ -28,6 +36,8 @@ router = APIRouter(
 )
 
 DONE = b"data: [DONE]\n\n"
+MAX_UNIX = 253402300799  # 9999-12-31T23:59:59Z
+CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
 
 
 class ChatCompletionCreate(BaseModel):
@@ -39,6 +49,24 @@ class ChatCompletionCreate(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
     stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
+
+
+class UsageTotals(BaseModel):
+    key: str = Field(description="The model, or the day (YYYY-MM-DD, UTC).")
+    requests: int
+    errors: int = Field(description="Requests that ended with an error status.")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage.report"] = "usage.report"
+    start: int
+    end: int
+    group_by: str
+    data: list[UsageTotals]
+    totals: UsageTotals
 
 
 @router.post(
@@ -55,20 +83,68 @@ async def create_chat_completion(
     route = await service.resolve(
         state.database.sessionmaker, state.providers or {}, principal.project_id, body.model
     )
+    usage = _Usage(state.usage, principal, request_id_of(request), body.model, route.provider.name)
     payload = body.model_dump(exclude_none=True)
     timeout = state.settings.inference.timeout.total_seconds()
     if body.stream:
-        return await _stream(route.provider, payload, body.model, timeout)
+        return await _stream(route.provider, payload, body.model, timeout, usage)
     try:
         answer = await route.provider.chat_completion(payload, wait_seconds=timeout)
     except ProviderError as exc:
-        raise service.upstream_error(exc, body.model) from None
+        failure = service.upstream_error(exc, body.model)
+        usage.done(failure.status_code, stream=False)
+        raise failure from None
+    usage.done(200, stream=False, reported=answer.get("usage"))
     return Response(orjson.dumps(answer), media_type="application/json")
 
 
+class _Usage:
+    """The usage record of one request, handed to the recorder when the request ends."""
+
+    def __init__(
+        self,
+        recorder: UsageRecorder,
+        principal: Principal,
+        request_id: str,
+        model: str,
+        provider: str,
+    ) -> None:
+        self.recorder = recorder
+        self.fields = {
+            "project_id": principal.project_id,
+            "api_key_id": principal.key_id,
+            "request_id": request_id or None,
+            "model": model,
+            "provider": provider,
+        }
+        self.started = time.perf_counter()
+        self.created_at = utcnow()
+
+    def done(self, status: int, *, stream: bool, reported: Any = None) -> None:
+        tokens = reported if isinstance(reported, dict) else {}
+        self.recorder.record(
+            **self.fields,
+            stream=stream,
+            status=status,
+            prompt_tokens=_count(tokens.get("prompt_tokens")),
+            completion_tokens=_count(tokens.get("completion_tokens")),
+            latency_ms=int((time.perf_counter() - self.started) * 1000),
+            created_at=self.created_at,
+        )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 async def _stream(
-    provider: Provider, payload: dict[str, Any], model: str, wait_seconds: float
+    provider: Provider, payload: dict[str, Any], model: str, wait_seconds: float, usage: _Usage
 ) -> Response:
+    # Usage is always asked of the provider (it is recorded); the caller gets the final usage
+    # chunk only when it asked for it.
+    options = payload.get("stream_options") or {}
+    wants_usage = options.get("include_usage") is True
+    payload = {**payload, "stream_options": {**options, "include_usage": True}}
     chunks = provider.stream_chat_completion(payload, wait_seconds=wait_seconds)
     try:
         first = await anext(chunks)  # errors before any chunk: a plain error response
@@ -76,27 +152,80 @@ async def _stream(
         first = None
     except ProviderError as exc:
         await chunks.aclose()  # type: ignore[attr-defined]
-        raise service.upstream_error(exc, model) from None
+        failure = service.upstream_error(exc, model)
+        usage.done(failure.status_code, stream=True)
+        raise failure from None
     return StreamingResponse(
-        _events(first, chunks, model),
+        _events(first, chunks, model, usage, wants_usage),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
 async def _events(
-    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]], model: str
+    first: dict[str, Any] | None,
+    chunks: AsyncIterator[dict[str, Any]],
+    model: str,
+    usage: _Usage,
+    wants_usage: bool,
 ) -> AsyncIterator[bytes]:
+    status = CLIENT_CLOSED
+    reported: Any = None
     try:
         if first is not None:
-            yield b"data: " + orjson.dumps(first) + b"\n\n"
-            async for chunk in chunks:
+            async for chunk in _prepend(first, chunks):
+                if chunk.get("usage"):
+                    reported = chunk["usage"]
+                    if not wants_usage and not chunk.get("choices"):
+                        continue  # the usage-only chunk the caller did not ask for
+                if not wants_usage:
+                    chunk.pop("usage", None)
                 yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         yield DONE
+        status = 200
     except ProviderError as exc:
         failure = service.upstream_error(exc, model)
+        status = failure.status_code
         yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
     finally:
         # Also when the client went away (the response task is cancelled): the provider's
         # stream, and its upstream connection, close now.
         await chunks.aclose()  # type: ignore[attr-defined]
+        usage.done(status, stream=True, reported=reported)
+
+
+async def _prepend(
+    first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+@router.get("/usage", response_model=UsageReport)
+async def usage_report(
+    principal: ReadPrincipal,
+    session: SessionDep,
+    start: Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds.")] = None,
+    end: Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds.")] = None,
+    group_by: Annotated[Literal["model", "day"], Query()] = "model",
+) -> UsageReport:
+    """Inference totals of this project between `start` (default: 30 days ago) and `end`
+    (default: now), per model or per UTC day. Records reach it within about a second."""
+    until = datetime.fromtimestamp(end, UTC) if end is not None else utcnow()
+    since = datetime.fromtimestamp(start, UTC) if start is not None else until - timedelta(days=30)
+    if since >= until:
+        raise InvalidPayload("`start` must be before `end`.", param="start")
+    rows = await UsageRepository(session, principal.project_id).totals(since, until, group_by)
+    data = [UsageTotals(key=str(key), **values) for key, values in rows]
+    overall = {
+        field: sum(getattr(row, field) for row in data)
+        for field in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    return UsageReport(
+        start=int(since.timestamp()),
+        end=int(until.timestamp()),
+        group_by=group_by,
+        data=data,
+        totals=UsageTotals(key="all", **overall),
+    )

@@ -16,6 +16,7 @@ from app.models.job import (
 from app.models.model import FineTunedModel, ProviderBaseModel
 from app.models.project import Project
 from app.models.upload import Upload, UploadPart
+from app.models.usage import UsageRecord
 from app.models.validation_report import ValidationReport
 from app.models.webhook import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
@@ -37,6 +38,7 @@ __all__ = [
     "Scope",
     "Upload",
     "UploadPart",
+    "UsageRecord",
     "ValidationReport",
     "WebhookAttempt",
     "WebhookDelivery",
