@@ -86,3 +86,53 @@ async def test_bad_bodies_are_refused_in_the_envelope(owner, client_for, body) -
 
 async def test_no_key_is_401(client) -> None:
     assert_envelope(await client.post(CHAT, json=ask("gpt-4o-mini")), 401, "invalid_api_key")
+
+
+async def test_aliases_name_a_projects_model_and_switch(
+    owner, client_for, factories, session
+) -> None:
+    second = TUNED.replace("abc123", "def456")
+    session.add(
+        FineTunedModel(
+            id=second,
+            project_id=owner.project.id,
+            provider="openai",
+            base_model="gpt-4o-mini-2024-07-18",
+            job_id="ftjob-inference0000000000001",
+            created_at=utcnow(),
+        )
+    )
+    await session.commit()
+    mine = client_for(owner.key)  # a read key: aliases need write
+    writer = client_for((await factories.key(owner.project, scope=Scope.write)).key)
+    other = client_for((await factories.key(scope=Scope.write)).key)
+    assert_envelope(await mine.post("/v1/model_aliases", json={"name": "bot", "model": TUNED}), 403)
+    created = await writer.post("/v1/model_aliases", json={"name": "support-bot", "model": TUNED})
+    assert created.status_code == 200, created.text
+    assert created.json()["model"] == TUNED and created.json()["object"] == "model_alias"
+    again = await writer.post("/v1/model_aliases", json={"name": "support-bot", "model": TUNED})
+    assert_envelope(again, 409, "alias_exists")
+    # The alias resolves for its project (to a provider this app lacks), for no other.
+    assert_envelope(await mine.post(CHAT, json=ask("support-bot")), 503, "provider_not_configured")
+    assert_envelope(await other.post(CHAT, json=ask("support-bot")), 404, "model_not_found")
+    assert_envelope(await other.get("/v1/model_aliases/support-bot"), 404, "alias_not_found")
+    shadow = await writer.post(
+        "/v1/model_aliases", json={"name": "gpt-4o-mini-2024-07-18", "model": TUNED}
+    )
+    assert_envelope(shadow, 409, "alias_shadows_model")
+    foreign = await other.post("/v1/model_aliases", json={"name": "mine", "model": TUNED})
+    assert_envelope(foreign, 404, "model_not_found")
+    for bad in ({"name": "-x", "model": TUNED}, {"name": "a b", "model": TUNED}, {"name": "x"}):
+        assert_envelope(await writer.post("/v1/model_aliases", json=bad), 422)
+
+    switched = await writer.patch("/v1/model_aliases/support-bot", json={"model": second})
+    assert switched.status_code == 200 and switched.json()["model"] == second
+    assert_envelope(
+        await writer.patch("/v1/model_aliases/support-bot", json={"model": "nope"}),
+        404,
+        "model_not_found",
+    )
+    listed = (await mine.get("/v1/model_aliases")).json()
+    assert [a["name"] for a in listed["data"]] == ["support-bot"]
+    assert (await writer.delete("/v1/model_aliases/support-bot")).json()["deleted"] is True
+    assert_envelope(await mine.get("/v1/model_aliases/support-bot"), 404, "alias_not_found")

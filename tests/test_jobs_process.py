@@ -218,6 +218,18 @@ def test_a_job_runs_to_succeeded_and_its_model_is_served_by_the_models_api(
     assert tuned.usage is not None and tuned.usage.completion_tokens >= 1
     base = client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=asked)
     assert base.choices[0].message.content != "6"
+    # An alias answers for its model and switches atomically.
+    aliases = f"{server.base_url}/v1/model_aliases"
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    alias = {"name": "adder-bot", "model": done.fine_tuned_model}
+    assert httpx.post(aliases, json=alias, headers=headers).status_code == 200
+    via_alias = client.chat.completions.create(model="adder-bot", messages=asked)
+    assert via_alias.choices[0].message.content == "6"
+    assert via_alias.model == done.fine_tuned_model
+    switch = {"model": "gpt-4o-mini-2024-07-18"}
+    assert httpx.patch(f"{aliases}/adder-bot", json=switch, headers=headers).status_code == 200
+    after_switch = client.chat.completions.create(model="adder-bot", messages=asked)
+    assert after_switch.choices[0].message.content == base.choices[0].message.content
     streamed = client.chat.completions.create(
         model=done.fine_tuned_model,
         messages=asked,

@@ -16,19 +16,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import Response, StreamingResponse
 
-from app.auth.dependencies import ReadPrincipal
+from app.auth.dependencies import ReadPrincipal, WritePrincipal
 from app.auth.service import Principal
 from app.db.session import SessionDep
 from app.inference import service
-from app.inference.repository import UsageRepository
+from app.inference.repository import AliasRepository, UsageRepository
 from app.inference.usage import UsageRecorder
-from app.kit.errors import InvalidPayload
+from app.kit.errors import Conflict, InvalidPayload, NotFound
 from app.kit.http import ERROR_RESPONSES, JSONRoute, request_id_of
-from app.kit.time import utcnow
+from app.kit.pagination import ListPage, PageParams, page_params, to_page
+from app.kit.time import to_unix, utcnow
+from app.models import ModelAlias
 from app.providers.base import Provider, ProviderError
 
 router = APIRouter(
@@ -77,14 +79,15 @@ class UsageReport(BaseModel):
 async def create_chat_completion(
     body: ChatCompletionCreate, request: Request, principal: ReadPrincipal
 ) -> Response:
-    """A chat completion from a base model, a fine-tuned model of this project or one of its
-    checkpoints. `stream: true` answers server-sent events."""
+    """A chat completion from a base model, a fine-tuned model of this project, one of its
+    checkpoints, or an alias of one. `stream: true` answers server-sent events."""
     state = request.app.state
     route = await service.resolve(
         state.database.sessionmaker, state.providers or {}, principal.project_id, body.model
     )
-    usage = _Usage(state.usage, principal, request_id_of(request), body.model, route.provider.name)
-    payload = body.model_dump(exclude_none=True)
+    # An alias is asked of the provider (and recorded) as the model it names.
+    usage = _Usage(state.usage, principal, request_id_of(request), route.model, route.provider.name)
+    payload = body.model_dump(exclude_none=True) | {"model": route.model}
     timeout = state.settings.inference.timeout.total_seconds()
     if body.stream:
         return await _stream(route.provider, payload, body.model, timeout, usage)
@@ -229,3 +232,121 @@ async def usage_report(
         data=data,
         totals=UsageTotals(key="all", **overall),
     )
+
+
+# -- aliases -----------------------------------------------------------------------------------
+
+AliasName = Annotated[str, Path(pattern=service.ALIAS_PATTERN, description="The alias.")]
+
+
+class AliasCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=service.ALIAS_PATTERN, description="e.g. `support-bot`.")
+    model: str = Field(min_length=1, max_length=256, description="A model this project may use.")
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+
+
+class AliasObject(BaseModel):
+    object: Literal["model_alias"] = "model_alias"
+    name: str
+    model: str
+    created_at: int
+    updated_at: int
+
+    @classmethod
+    def of(cls, row: ModelAlias) -> AliasObject:
+        return cls(
+            name=row.name,
+            model=row.model,
+            created_at=to_unix(row.created_at) or 0,
+            updated_at=to_unix(row.updated_at) or 0,
+        )
+
+
+class AliasDeleted(BaseModel):
+    name: str
+    object: Literal["model_alias.deleted"] = "model_alias.deleted"
+    deleted: bool
+
+
+def _alias_not_found(name: str) -> NotFound:
+    return NotFound(f"No model alias named '{name}'.", param="name", code="alias_not_found")
+
+
+@router.post("/model_aliases", response_model=AliasObject, tags=["inference"])
+async def create_alias(
+    body: AliasCreate, request: Request, principal: WritePrincipal, session: SessionDep
+) -> AliasObject:
+    """A stable name for a model of this project; chat completions accept it as `model`."""
+    configured = set(request.app.state.providers or {})
+    await service.check_alias_name(session, configured, body.name)
+    await service.check_target(session, configured, principal.project_id, body.model)
+    repository = AliasRepository(session, principal.project_id)
+    if await repository.get(body.name) is not None:
+        raise Conflict(
+            f"A model alias named '{body.name}' exists; PATCH it to switch its model.",
+            param="name",
+            code="alias_exists",
+        )
+    now = utcnow()
+    row = repository.add(
+        ModelAlias(name=body.name, model=body.model, created_at=now, updated_at=now)
+    )
+    await session.flush()
+    return AliasObject.of(row)
+
+
+@router.get("/model_aliases", response_model=ListPage[AliasObject], tags=["inference"])
+async def list_aliases(
+    principal: ReadPrincipal, session: SessionDep, page: Annotated[PageParams, Depends(page_params)]
+) -> ListPage[AliasObject]:
+    repository = AliasRepository(session, principal.project_id)
+    rows, has_more = await repository.paginate(repository.select(), page)
+    return to_page([AliasObject.of(row) for row in rows], has_more, lambda a: a.name)
+
+
+@router.get("/model_aliases/{name}", response_model=AliasObject, tags=["inference"])
+async def retrieve_alias(
+    name: AliasName, principal: ReadPrincipal, session: SessionDep
+) -> AliasObject:
+    row = await AliasRepository(session, principal.project_id).get(name)
+    if row is None:
+        raise _alias_not_found(name)
+    return AliasObject.of(row)
+
+
+@router.patch("/model_aliases/{name}", response_model=AliasObject, tags=["inference"])
+async def switch_alias(
+    name: AliasName,
+    body: AliasUpdate,
+    request: Request,
+    principal: WritePrincipal,
+    session: SessionDep,
+) -> AliasObject:
+    """Point the alias at another model, atomically: every request after this answer uses it
+    (blue/green after an evaluation)."""
+    configured = set(request.app.state.providers or {})
+    await service.check_target(session, configured, principal.project_id, body.model)
+    row = await AliasRepository(session, principal.project_id).get(name, for_update=True)
+    if row is None:
+        raise _alias_not_found(name)
+    row.model, row.updated_at = body.model, utcnow()
+    await session.flush()
+    return AliasObject.of(row)
+
+
+@router.delete("/model_aliases/{name}", response_model=AliasDeleted, tags=["inference"])
+async def delete_alias(
+    name: AliasName, principal: WritePrincipal, session: SessionDep
+) -> AliasDeleted:
+    row = await AliasRepository(session, principal.project_id).get(name, for_update=True)
+    if row is None:
+        raise _alias_not_found(name)
+    await session.delete(row)
+    return AliasDeleted(name=name, deleted=True)

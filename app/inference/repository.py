@@ -6,7 +6,7 @@ from typing import Any, Literal
 from sqlalchemy import case, func, select
 
 from app.db.repository import ProjectScopedRepository
-from app.models import UsageRecord
+from app.models import ModelAlias, UsageRecord
 
 
 class UsageRepository(ProjectScopedRepository[UsageRecord]):
@@ -50,3 +50,10 @@ class UsageRepository(ProjectScopedRepository[UsageRecord]):
             )
             for row in rows
         ]
+
+
+class AliasRepository(ProjectScopedRepository[ModelAlias]):
+    model = ModelAlias
+
+    def _id_column(self) -> Any:
+        return ModelAlias.name

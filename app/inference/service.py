@@ -1,7 +1,8 @@
 """Which provider answers a model for a project, and provider errors in OpenAI's envelope.
 
-A model is one of: a fine-tuned model of the caller's project (not deleted), a checkpoint of
-one of its jobs, or a base model of a configured provider. Anything else — another project's
+A model is one of: an alias of the caller's project (resolved to its target), a fine-tuned
+model of the project (not deleted), a checkpoint of one of its jobs, or a base model of a
+configured provider. Anything else — another project's
 model included — is 404 `model_not_found`, as OpenAI answers.
 """
 
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.inference.repository import AliasRepository
 from app.kit.errors import (
     APIError,
     BadGateway,
     BadRequest,
+    Conflict,
     GatewayTimeout,
     NotFound,
     PermissionDenied,
@@ -36,12 +39,36 @@ from app.providers.base import (
 )
 from app.registry import service as registry
 from app.registry.repository import FineTunedModelRepository
+from app.validation.catalog import known_models
 
 
 @dataclass(frozen=True)
 class Route:
-    model: str
+    model: str  # what the provider is asked for: an alias's target
     provider: Provider
+
+
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+async def check_target(
+    session: AsyncSession, configured: set[str], project_id: str, model: str
+) -> None:
+    """An alias points at a model the project may use (not at another alias)."""
+    if await _provider_of(session, configured, project_id, model) is None:
+        raise model_not_found(model)
+
+
+async def check_alias_name(session: AsyncSession, configured: set[str], name: str) -> None:
+    """An alias may not shadow a base model of any provider tunegate knows, configured or not
+    (a fine-tuned model's `ft:` names never match the pattern)."""
+    every = configured | {spec.provider for spec in known_models()}
+    if any(entry.id == name for entry in await registry.base_models(session, every)):
+        raise Conflict(
+            f"'{name}' is a base model's id; choose another alias name.",
+            param="name",
+            code="alias_shadows_model",
+        )
 
 
 def model_not_found(model: str) -> NotFound:
@@ -61,9 +88,12 @@ async def resolve(
     """The provider for `model`, read in a short session of its own (no transaction stays open
     while the provider answers)."""
     async with sessionmaker() as session:
-        provider_name = await _provider_of(session, set(providers), project_id, model)
+        alias = await AliasRepository(session, project_id).get(model)
+        target = alias.model if alias is not None else model
+        provider_name = await _provider_of(session, set(providers), project_id, target)
     if provider_name is None:
         raise model_not_found(model)
+    model = target
     provider = providers.get(provider_name)
     if provider is None:
         raise ServiceUnavailable(
@@ -76,6 +106,7 @@ async def resolve(
 async def _provider_of(
     session: AsyncSession, configured: set[str], project_id: str, model: str
 ) -> str | None:
+    """The provider of a model (not an alias) the project may use, or None."""
     tuned = await FineTunedModelRepository(session, project_id).get(model)
     if tuned is not None:
         return tuned.provider

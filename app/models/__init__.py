@@ -1,5 +1,6 @@
 """Every ORM model, one module per table, imported here so Alembic sees one metadata."""
 
+from app.models.alias import ModelAlias
 from app.models.api_key import ApiKey, Scope
 from app.models.blob import Blob
 from app.models.file import File
@@ -30,6 +31,7 @@ __all__ = [
     "JobCheckpoint",
     "JobEvent",
     "JobMetric",
+    "ModelAlias",
     "Project",
     "ProviderBaseModel",
     "ProviderFile",
