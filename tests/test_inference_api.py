@@ -134,5 +134,9 @@ async def test_aliases_name_a_projects_model_and_switch(
     )
     listed = (await mine.get("/v1/model_aliases")).json()
     assert [a["name"] for a in listed["data"]] == ["support-bot"]
+    models = {m["id"]: m for m in (await mine.get("/v1/models")).json()["data"]}
+    assert models["support-bot"]["kind"] == "alias"
+    assert models["support-bot"]["alias_for"] == second
+    assert "support-bot" not in {m["id"] for m in (await other.get("/v1/models")).json()["data"]}
     assert (await writer.delete("/v1/model_aliases/support-bot")).json()["deleted"] is True
     assert_envelope(await mine.get("/v1/model_aliases/support-bot"), 404, "alias_not_found")

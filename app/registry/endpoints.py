@@ -1,8 +1,9 @@
 """OpenAI's models API: `GET /v1/models`, `GET /v1/models/{model}`, `DELETE /v1/models/{model}`.
 
-A project sees the base models of the providers this deployment has configured and its own
-fine-tuned models (not another project's, not deleted ones). Deleting a fine-tuned model deletes
-it at its provider, then marks it deleted here; base models cannot be deleted.
+A project sees the base models of the providers this deployment has configured, its own
+fine-tuned models (not another project's, not deleted ones), then its model aliases. Deleting a
+fine-tuned model deletes it at its provider, then marks it deleted here; base models cannot be
+deleted.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pydantic import BaseModel, Field
 
 from app.auth.dependencies import ReadPrincipal, WritePrincipal
 from app.db.session import SessionDep
+from app.inference.repository import AliasRepository
 from app.kit.errors import NotFound, PermissionDenied, ServiceUnavailable
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.time import to_unix, utcnow
-from app.models import FineTunedModel
+from app.models import FineTunedModel, ModelAlias
 from app.providers.base import Provider, ProviderError, ProviderNotFound
 from app.registry import service
 from app.registry.repository import FineTunedModelRepository
@@ -39,13 +41,14 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str
     provider: str = Field(description="Which provider serves and tunes it (tunegate extension).")
-    kind: Literal["base", "fine-tuned"]
+    kind: Literal["base", "fine-tuned", "alias"]
     context_limit: int | None = None
     training_usd_per_1m: float | None = None
     methods: list[str] | None = None
     shutdown_date: str | None = None
     base_model: str | None = None
     fine_tuning_job_id: str | None = None
+    alias_for: str | None = Field(default=None, description="An alias's model (tunegate).")
 
     @classmethod
     def of_base(cls, entry: BaseEntry) -> ModelObject:
@@ -74,6 +77,17 @@ class ModelObject(BaseModel):
         )
 
 
+def _alias_object(row: ModelAlias, target: ModelObject) -> ModelObject:
+    return ModelObject(
+        id=row.name,
+        created=to_unix(row.created_at) or 0,
+        owned_by=row.project_id,
+        provider=target.provider,
+        kind="alias",
+        alias_for=row.model,
+    )
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
@@ -99,9 +113,14 @@ async def list_models(request: Request, principal: ReadPrincipal, session: Sessi
     """Base models of the configured providers, then the project's fine-tuned models."""
     bases = await service.base_models(session, set(_providers(request)))
     tuned = await FineTunedModelRepository(session, principal.project_id).all()
-    return ModelList(
-        data=[ModelObject.of_base(b) for b in bases] + [ModelObject.of_fine_tuned(t) for t in tuned]
+    models = [ModelObject.of_base(b) for b in bases] + [ModelObject.of_fine_tuned(t) for t in tuned]
+    by_id = {model.id: model for model in models}
+    aliases = await AliasRepository(session, principal.project_id).list(
+        AliasRepository(session, principal.project_id).select().order_by(ModelAlias.name)
     )
+    # An alias whose model is gone (deleted) routes nowhere: not listed.
+    models += [_alias_object(a, by_id[a.model]) for a in aliases if a.model in by_id]
+    return ModelList(data=models)
 
 
 @router.get("/{model}", response_model=ModelObject)
