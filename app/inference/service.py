@@ -63,7 +63,7 @@ async def check_alias_name(session: AsyncSession, configured: set[str], name: st
     """An alias may not shadow a base model of any provider tunegate knows, configured or not
     (a fine-tuned model's `ft:` names never match the pattern)."""
     every = configured | {spec.provider for spec in known_models()}
-    if any(entry.id == name for entry in await registry.base_models(session, every)):
+    if await registry.base_model_provider(session, every, name) is not None:
         raise Conflict(
             f"'{name}' is a base model's id; choose another alias name.",
             param="name",
@@ -88,8 +88,10 @@ async def resolve(
     """The provider for `model`, read in a short session of its own (no transaction stays open
     while the provider answers)."""
     async with sessionmaker() as session:
-        alias = await AliasRepository(session, project_id).get(model)
-        target = alias.model if alias is not None else model
+        target = model
+        if ":" not in model:  # an alias never has one (ALIAS_PATTERN); `ft:` models always do
+            alias = await AliasRepository(session, project_id).get(model)
+            target = alias.model if alias is not None else model
         provider_name = await _provider_of(session, set(providers), project_id, target)
     if provider_name is None:
         raise model_not_found(model)
@@ -106,25 +108,23 @@ async def resolve(
 async def _provider_of(
     session: AsyncSession, configured: set[str], project_id: str, model: str
 ) -> str | None:
-    """The provider of a model (not an alias) the project may use, or None."""
+    """The provider of a model (not an alias) the project may use, or None: a fine-tuned
+    model or checkpoint (`ft:…`) of the project, else a base model of a configured provider."""
+    if not model.startswith("ft:"):
+        return await registry.base_model_provider(session, configured, model)
     tuned = await FineTunedModelRepository(session, project_id).get(model)
     if tuned is not None:
         return tuned.provider
-    if model.startswith("ft:"):
-        checkpoint_provider: str | None = await session.scalar(
-            select(Job.provider)
-            .join(JobCheckpoint, JobCheckpoint.job_id == Job.id)
-            .where(
-                JobCheckpoint.project_id == project_id,
-                JobCheckpoint.fine_tuned_model_checkpoint == model,
-            )
-            .limit(1)
+    checkpoint_provider: str | None = await session.scalar(
+        select(Job.provider)
+        .join(JobCheckpoint, JobCheckpoint.job_id == Job.id)
+        .where(
+            JobCheckpoint.project_id == project_id,
+            JobCheckpoint.fine_tuned_model_checkpoint == model,
         )
-        return checkpoint_provider
-    for entry in await registry.base_models(session, configured):
-        if entry.id == model:
-            return entry.provider
-    return None
+        .limit(1)
+    )
+    return checkpoint_provider
 
 
 def upstream_error(exc: ProviderError, model: str) -> APIError:

@@ -34,6 +34,16 @@ class RegistryRepository:
         )
         return rows.all()
 
+    async def provider_of(self, model_id: str, providers: set[str]) -> str | None:
+        """One of `providers` that reported `model_id` as a base model, or None."""
+        found: str | None = await self.session.scalar(
+            select(ProviderBaseModel.provider)
+            .where(ProviderBaseModel.id == model_id, ProviderBaseModel.provider.in_(providers))
+            .order_by(ProviderBaseModel.provider)
+            .limit(1)
+        )
+        return found
+
     async def shutdown_date(self, provider: str, model_id: str) -> str | None:
         found: str | None = await self.session.scalar(
             select(ProviderBaseModel.shutdown_date).where(

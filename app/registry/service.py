@@ -103,6 +103,17 @@ async def base_models(session: AsyncSession, providers: set[str]) -> list[BaseEn
     return sorted(entries.values(), key=lambda entry: (entry.provider, entry.id))
 
 
+async def base_model_provider(session: AsyncSession, providers: set[str], model: str) -> str | None:
+    """Which of `providers` has `model` as a base model: the catalog first (no query), then
+    what the providers reported. One row, where `base_models` builds the whole list."""
+    for spec in known_models():
+        if spec.id == model and spec.provider in providers:
+            return spec.provider
+    if not providers:
+        return None
+    return await RegistryRepository(session).provider_of(model, providers)
+
+
 async def shutdown_within(
     session: AsyncSession, provider: str, model: str, days: int, today: date
 ) -> str | None:
