@@ -164,3 +164,36 @@ def test_a_submitter_killed_before_hearing_back_leaves_exactly_one_upstream_job(
     assert upstream[0]["metadata"] == {"team": "math", "tunegate_job_id": job.id}
     # One creation reached the provider and succeeded, whoever made it.
     assert emulator.requests()[("POST", JOBS)] == {"200": 1}
+
+
+def test_a_job_cancelled_while_the_provider_creates_it_is_cancelled_there_too(
+    client: openai.OpenAI,
+    emulator: Emulator,
+    server: RunningServer,
+    training_file: str,
+    tmp_path: Path,
+) -> None:
+    emulator.hold.arm("POST", JOBS)
+    try:
+        with worker_process(server, tmp_path / "submitter.log", "submitter") as worker:
+            job = client.fine_tuning.jobs.create(
+                model="gpt-4o-mini-2024-07-18", training_file=training_file
+            )
+            wait_for(
+                lambda: alive(worker, tmp_path / "submitter.log") or emulator.hold.holding.is_set(),
+                30,
+                "the emulator to hold the job creation",
+            )
+            assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+            emulator.hold.release()
+            (upstream,) = wait_for(
+                lambda: [j for j in upstream_jobs(emulator, job.id) if j["status"] == "cancelled"],
+                30,
+                "the provider's job to be cancelled",
+            )
+    finally:
+        emulator.hold.release()
+    assert provider_job_id(client, job.id) == upstream["id"]
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert any("Cancelled at the provider too" in m for m in messages)

@@ -27,7 +27,7 @@ from app.jobs import state
 from app.jobs.repository import SubmitQueue
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
-from app.models import File, ProviderFile
+from app.models import File, Job, ProviderFile
 from app.providers.base import Provider, ProviderError, ProviderJob
 from app.providers.registry import build_providers, close_providers
 from app.workers.runner import WorkerContext, register_role
@@ -121,8 +121,30 @@ async def submit_one(
     except ProviderError as exc:
         await _record_failure(worker, job.job_id, lease, job.attempts, exc)
         return True
-    await _record_submitted(worker, job.job_id, lease, upstream, adopted=found is not None)
+    if await _record_submitted(worker, job.job_id, lease, upstream, adopted=found is not None):
+        await _cancel_upstream(worker, provider, job.job_id, upstream.id)
     return True
+
+
+async def _cancel_upstream(
+    worker: WorkerContext, provider: Provider, job_id: str, provider_job_id: str
+) -> None:
+    """The job was cancelled here while it was being created at the provider: cancel it there
+    too, or say on the job that it could not be (the provider would go on training, and bill)."""
+    try:
+        await provider.cancel_job(provider_job_id)
+        message, level = f"Cancelled at the provider too ({provider_job_id}).", "info"
+    except ProviderError as exc:
+        log.warning("could not cancel the provider's job", job_id=job_id, error=str(exc))
+        message = (
+            f"The job was cancelled while the provider was creating it, and cancelling it at "
+            f"the provider ({provider_job_id}) failed: {exc}. Cancel it there by hand."
+        )
+        level = "error"
+    async with worker.database.sessionmaker() as session, session.begin():
+        job = await session.get(Job, job_id)
+        if job is not None:
+            state.add_event(session, job, message, level=level)
 
 
 class _NotConfigured(ProviderError):
@@ -186,21 +208,27 @@ async def _record_failure(
 
 async def _record_submitted(
     worker: WorkerContext, job_id: str, lease: datetime, upstream: ProviderJob, *, adopted: bool
-) -> None:
+) -> bool:
+    """Store the provider's job; True when the job was cancelled here meanwhile (the caller
+    then cancels it at the provider, with no transaction open)."""
     async with worker.database.sessionmaker() as session, session.begin():
         job = await SubmitQueue(session).get_leased(job_id, lease)
         if job is None:
-            # Lost the lease (or the job was cancelled): the provider job is found by its tag
-            # by whoever holds the job now, so nothing is created twice.
-            return
+            # Lost the lease: the provider job is found by its tag by whoever holds the job
+            # now, so nothing is created twice.
+            return False
         job.provider_job_id = upstream.id
         job.submitted_at = utcnow()
         job.lease_until = None
         job.last_submit_error = None
         job.sync_due_at = utcnow()  # the syncer follows it from now on
         log.info("job submitted", job_id=job_id, provider_job_id=upstream.id, adopted=adopted)
+        if state.is_terminal(job.status):
+            job.sync_due_at = None
+            return job.status == "cancelled"
         if upstream.status != job.status and state.can_transition(job.status, upstream.status):
             await state.transition(session, job, upstream.status, error=upstream.error)
+    return False
 
 
 async def submitter_loop(worker: WorkerContext, stop: asyncio.Event) -> None:
