@@ -615,7 +615,7 @@ def jobs_create(
     ] = None,
     beta: Annotated[float | None, typer.Option(help="DPO only.")] = None,
     provider: Annotated[
-        str | None, typer.Option(help="openai or local; default: the model's provider.")
+        str | None, typer.Option(help="A configured provider (openai); default: the model's.")
     ] = None,
     metadata: Annotated[
         list[str] | None, typer.Option("--metadata", help="KEY=VALUE; repeat for several.")

@@ -233,3 +233,9 @@ async def test_create_is_idempotent(api) -> None:
         "/v1/fine_tuning/jobs", json=body | {"suffix": "x"}, headers={"Idempotency-Key": "job-1"}
     )
     assert_envelope(other, 422)
+
+
+async def test_a_bad_suffix_says_what_is_allowed(api) -> None:
+    body = {"model": "gpt-4o-mini-2024-07-18", "training_file": "file-x", "suffix": "a b"}
+    error = assert_envelope(await api.post("/v1/fine_tuning/jobs", json=body), 422)
+    assert error["param"] == "suffix" and "letters, digits, '-' or '_'" in error["message"]

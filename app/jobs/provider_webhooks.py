@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
@@ -20,7 +19,7 @@ from pydantic import BaseModel
 from app.jobs.repository import SyncQueue, WebhookReceipts
 from app.kit import signing
 from app.kit.errors import BadRequest
-from app.kit.http import ERROR_RESPONSES
+from app.kit.http import ERROR_RESPONSES, parse_json_body
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
 
@@ -69,10 +68,7 @@ async def openai_webhook(request: Request) -> WebhookAck:
         )
     except signing.SignatureError as exc:
         raise BadRequest(f"Invalid webhook signature: {exc}", code="invalid_signature") from None
-    try:
-        event: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("The webhook body is not JSON.", code="invalid_json") from None
+    event: Any = parse_json_body(body)
     if not isinstance(event, dict):
         raise BadRequest("The webhook body is not a JSON object.", code="invalid_payload")
     kind = event.get("type")

@@ -40,7 +40,8 @@ class JobCreate(BaseModel):
     suffix: str | None = Field(
         default=None,
         max_length=64,
-        pattern=SUFFIX_PATTERN.pattern,
+        # Documented here, checked by _suffix_characters (whose message says what is allowed).
+        json_schema_extra={"pattern": SUFFIX_PATTERN.pattern},
         description="Up to 64 letters, digits, '-' or '_'.",
     )
     seed: Annotated[int, Interval(ge=0, le=2_147_483_647), JSON_INTEGER] | None = None
@@ -60,7 +61,9 @@ class JobCreate(BaseModel):
         default=None, description="Not supported by tunegate: only null or [] is accepted."
     )
     provider: str | None = Field(
-        default=None, max_length=32, description="tunegate: `openai` or `local`; default by model."
+        default=None,
+        max_length=32,
+        description="tunegate: a configured provider (`openai`); default by model.",
     )
 
     @field_validator("suffix")

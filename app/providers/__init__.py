@@ -1,1 +1,1 @@
-"""Fine-tuning providers: the interface, OpenAI, local training and the OpenAI emulator."""
+"""Fine-tuning providers: the interface, OpenAI and the OpenAI emulator."""

@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.files import service as files
 from app.files.formats import DatasetFormat
-from app.files.schemas import Purpose
 from app.files.service import FilesContext
 from app.files.storage import Spool, blob_key
 from app.kit.errors import BadRequest
@@ -43,7 +42,7 @@ async def _new_file(
     derived_from: dict[str, Any],
 ) -> File:
     row = await files.create_file(
-        session, context, project_id, spool, files.sanitize_filename(filename), Purpose(purpose)
+        session, context, project_id, spool, files.sanitize_filename(filename), purpose
     )
     row.derived_from = derived_from
     await session.flush()
