@@ -137,6 +137,8 @@ async def test_aliases_name_a_projects_model_and_switch(
     models = {m["id"]: m for m in (await mine.get("/v1/models")).json()["data"]}
     assert models["support-bot"]["kind"] == "alias"
     assert models["support-bot"]["alias_for"] == second
+    assert (await mine.get("/v1/models/support-bot")).json() == models["support-bot"]
+    assert_envelope(await other.get("/v1/models/support-bot"), 404, "model_not_found")
     assert "support-bot" not in {m["id"] for m in (await other.get("/v1/models")).json()["data"]}
     assert (await writer.delete("/v1/model_aliases/support-bot")).json()["deleted"] is True
     assert_envelope(await mine.get("/v1/model_aliases/support-bot"), 404, "alias_not_found")

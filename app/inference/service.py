@@ -21,7 +21,6 @@ from app.kit.errors import (
     BadRequest,
     Conflict,
     GatewayTimeout,
-    NotFound,
     PermissionDenied,
     RateLimited,
     ServiceUnavailable,
@@ -56,7 +55,7 @@ async def check_target(
 ) -> None:
     """An alias points at a model the project may use (not at another alias)."""
     if await _provider_of(session, configured, project_id, model) is None:
-        raise model_not_found(model)
+        raise registry.model_not_found(model)
 
 
 async def check_alias_name(session: AsyncSession, configured: set[str], name: str) -> None:
@@ -69,14 +68,6 @@ async def check_alias_name(session: AsyncSession, configured: set[str], name: st
             param="name",
             code="alias_shadows_model",
         )
-
-
-def model_not_found(model: str) -> NotFound:
-    return NotFound(
-        f"The model `{model}` does not exist or you do not have access to it.",
-        param="model",
-        code="model_not_found",
-    )
 
 
 async def resolve(
@@ -94,7 +85,7 @@ async def resolve(
             target = alias.model if alias is not None else model
         provider_name = await _provider_of(session, set(providers), project_id, target)
     if provider_name is None:
-        raise model_not_found(model)
+        raise registry.model_not_found(model)
     model = target
     provider = providers.get(provider_name)
     if provider is None:
@@ -143,7 +134,7 @@ def upstream_error(exc: ProviderError, model: str) -> APIError:
     if isinstance(exc, ProviderTimeout):
         return GatewayTimeout(f"The provider did not answer in time: {detail}")
     if isinstance(exc, ProviderNotFound):
-        return model_not_found(model)
+        return registry.model_not_found(model)
     if isinstance(exc, ProviderBadRequest):
         return BadRequest(detail, param=exc.param, code=exc.code or "invalid_request")
     if isinstance(exc, ProviderPermissionDenied):

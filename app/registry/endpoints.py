@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from app.auth.dependencies import ReadPrincipal, WritePrincipal
 from app.db.session import SessionDep
 from app.inference.repository import AliasRepository
-from app.kit.errors import NotFound, PermissionDenied, ServiceUnavailable
+from app.kit.errors import PermissionDenied, ServiceUnavailable
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.time import to_unix, utcnow
 from app.models import FineTunedModel, ModelAlias
@@ -99,10 +99,6 @@ class ModelDeleted(BaseModel):
     deleted: bool
 
 
-def _not_found(model: str) -> NotFound:
-    return NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
-
-
 def _providers(request: Request) -> dict[str, Provider]:
     providers: dict[str, Provider] = request.app.state.providers or {}
     return providers
@@ -127,13 +123,30 @@ async def list_models(request: Request, principal: ReadPrincipal, session: Sessi
 async def retrieve_model(
     model: ModelId, request: Request, principal: ReadPrincipal, session: SessionDep
 ) -> ModelObject:
-    tuned = await FineTunedModelRepository(session, principal.project_id).get(model)
+    """A base model, a fine-tuned model of this project, or one of its aliases."""
+    found = await _model_object(session, principal.project_id, set(_providers(request)), model)
+    if found is not None:
+        return found
+    alias = await AliasRepository(session, principal.project_id).get(model)
+    if alias is not None:
+        target = await _model_object(
+            session, principal.project_id, set(_providers(request)), alias.model
+        )
+        if target is not None:
+            return _alias_object(alias, target)
+    raise service.model_not_found(model)
+
+
+async def _model_object(
+    session: SessionDep, project_id: str, providers: set[str], model: str
+) -> ModelObject | None:
+    tuned = await FineTunedModelRepository(session, project_id).get(model)
     if tuned is not None:
         return ModelObject.of_fine_tuned(tuned)
-    for entry in await service.base_models(session, set(_providers(request))):
+    for entry in await service.base_models(session, providers):
         if entry.id == model:
             return ModelObject.of_base(entry)
-    raise _not_found(model)
+    return None
 
 
 @router.delete("/{model}", response_model=ModelDeleted)
@@ -152,7 +165,7 @@ async def delete_model(
                 param="model",
                 code="model_not_deletable",
             )
-        raise _not_found(model)
+        raise service.model_not_found(model)
     provider = _providers(request).get(tuned.provider)
     if provider is None:
         raise ServiceUnavailable(

@@ -15,6 +15,7 @@ from datetime import date, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.kit.errors import NotFound
 from app.kit.logging import get_logger
 from app.kit.time import to_unix, utcnow
 from app.providers.base import Provider, ProviderError
@@ -101,6 +102,15 @@ async def base_models(session: AsyncSession, providers: set[str]) -> list[BaseEn
                 created=known.created if known else to_unix(row.refreshed_at) or 0,
             )
     return sorted(entries.values(), key=lambda entry: (entry.provider, entry.id))
+
+
+def model_not_found(model: str) -> NotFound:
+    """OpenAI's answer for a model that is unknown, deleted or another project's."""
+    return NotFound(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 async def base_model_provider(session: AsyncSession, providers: set[str], model: str) -> str | None:
