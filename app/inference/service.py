@@ -8,7 +8,6 @@ model included — is 404 `model_not_found`, as OpenAI answers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -17,24 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.inference.repository import AliasRepository
 from app.kit.errors import (
     APIError,
-    BadGateway,
-    BadRequest,
     Conflict,
-    GatewayTimeout,
-    PermissionDenied,
-    RateLimited,
-    ServiceUnavailable,
 )
 from app.models import Job, JobCheckpoint
+from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import (
     Provider,
-    ProviderAuthError,
-    ProviderBadRequest,
     ProviderError,
     ProviderNotFound,
-    ProviderPermissionDenied,
-    ProviderRateLimited,
-    ProviderTimeout,
 )
 from app.registry import service as registry
 from app.registry.repository import FineTunedModelRepository
@@ -89,10 +78,7 @@ async def resolve(
     model = target
     provider = providers.get(provider_name)
     if provider is None:
-        raise ServiceUnavailable(
-            f"The provider '{provider_name}' of the model `{model}` is not configured.",
-            code="provider_not_configured",
-        )
+        raise provider_not_configured(provider_name, f"the model `{model}`")
     return Route(model=model, provider=provider)
 
 
@@ -119,29 +105,8 @@ async def _provider_of(
 
 
 def upstream_error(exc: ProviderError, model: str) -> APIError:
-    """A provider failure as the caller should see it: 429 keeps its Retry-After, a timeout is
-    504, a provider that fails or cannot be reached 502, a refused request 400 (its message)."""
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, ProviderRateLimited):
-        headers = {}
-        if exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return RateLimited(
-            f"The provider is rate limiting requests: {detail}",
-            code=exc.code or "rate_limit_exceeded",
-            headers=headers,
-        )
-    if isinstance(exc, ProviderTimeout):
-        return GatewayTimeout(f"The provider did not answer in time: {detail}")
+    """A provider failure as the caller sees it; a model the provider does not know is
+    `model_not_found`, as OpenAI answers."""
     if isinstance(exc, ProviderNotFound):
         return registry.model_not_found(model)
-    if isinstance(exc, ProviderBadRequest):
-        return BadRequest(detail, param=exc.param, code=exc.code or "invalid_request")
-    if isinstance(exc, ProviderPermissionDenied):
-        return PermissionDenied(detail, code=exc.code or "provider_permission_denied")
-    if isinstance(exc, ProviderAuthError):
-        return BadGateway(
-            "The provider refused tunegate's credentials; an operator must fix its API key.",
-            code="upstream_auth_failed",
-        )
-    return BadGateway(f"The provider failed: {detail}")
+    return as_api_error(exc, "chat completion")

@@ -21,10 +21,11 @@ from app.files.storage import BlobStorage
 from app.jobs import state
 from app.jobs.repository import JobRepository, schedule_now
 from app.jobs.schemas import JobCreate
-from app.kit.errors import APIError, BadRequest, Conflict, InvalidPayload, NotFound
+from app.kit.errors import BadRequest, Conflict, InvalidPayload, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Job, Project
+from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import Provider, ProviderError
 from app.registry import service as registry
 from app.validation import service as validations
@@ -44,12 +45,6 @@ class JobsContext:
     @property
     def validation(self) -> ValidationContext:
         return ValidationContext(self.settings, self.storage, self.sessionmaker)
-
-
-class ProviderUnavailable(APIError):
-    status_code = 502
-    type = "server_error"
-    code = "provider_error"
 
 
 def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any]]:
@@ -258,20 +253,13 @@ async def _read_job(context: JobsContext, project_id: str, job_id: str) -> Job:
 async def _provider_call(context: JobsContext, job: Job, action: str) -> Any:
     provider = context.providers.get(job.provider)
     if provider is None:
-        raise ProviderUnavailable(f"The provider '{job.provider}' of this job is not configured.")
+        raise provider_not_configured(job.provider, "this job")
     assert job.provider_job_id is not None
     try:
         call = getattr(provider, f"{action}_job")
         return await call(job.provider_job_id)
     except ProviderError as exc:
-        if exc.retryable:
-            raise ProviderUnavailable(
-                f"The provider did not answer the {action} request ({exc}); try again.",
-                headers={"Retry-After": str(int(exc.retry_after or 1))},
-            ) from None
-        raise BadRequest(
-            f"The provider refused to {action} the job: {exc}", code=exc.code or f"{action}_refused"
-        ) from None
+        raise as_api_error(exc, f"{action} the job") from None
 
 
 async def cancel_job(

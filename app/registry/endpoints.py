@@ -16,10 +16,11 @@ from pydantic import BaseModel, Field
 from app.auth.dependencies import ReadPrincipal, WritePrincipal
 from app.db.session import SessionDep
 from app.inference.repository import AliasRepository
-from app.kit.errors import PermissionDenied, ServiceUnavailable
+from app.kit.errors import PermissionDenied
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.time import to_unix, utcnow
 from app.models import FineTunedModel, ModelAlias
+from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import Provider, ProviderError, ProviderNotFound
 from app.registry import service
 from app.registry.repository import FineTunedModelRepository
@@ -157,9 +158,11 @@ async def delete_model(
     sessionmaker = request.app.state.database.sessionmaker
     async with sessionmaker() as reader:  # read, then call the provider with no transaction open
         tuned = await FineTunedModelRepository(reader, principal.project_id).get(model)
-        bases = await service.base_models(reader, set(_providers(request)))
+        is_base = tuned is None and (
+            await service.base_model_provider(reader, set(_providers(request)), model) is not None
+        )
     if tuned is None:
-        if any(entry.id == model for entry in bases):
+        if is_base:
             raise PermissionDenied(
                 f"The model '{model}' is a base model; only fine-tuned models can be deleted.",
                 param="model",
@@ -168,23 +171,13 @@ async def delete_model(
         raise service.model_not_found(model)
     provider = _providers(request).get(tuned.provider)
     if provider is None:
-        raise ServiceUnavailable(
-            f"The provider '{tuned.provider}' of this model is not configured.",
-            code="provider_not_configured",
-        )
+        raise provider_not_configured(tuned.provider, f"the model `{model}`")
     try:
         await provider.delete_model(model)
     except ProviderNotFound:
         pass  # already gone upstream: mark it deleted here too
     except ProviderError as exc:
-        if exc.retryable:
-            raise ServiceUnavailable(
-                f"The provider did not answer the delete request ({exc}); try again.",
-                code="provider_unavailable",
-            ) from None
-        raise PermissionDenied(
-            f"The provider refused to delete the model: {exc}", code=exc.code or "delete_refused"
-        ) from None
+        raise as_api_error(exc, "delete the model") from None
     row = await FineTunedModelRepository(session, principal.project_id).get(model, for_update=True)
     deleted = ModelDeleted(id=model, deleted=True)
     if row is not None and row.deleted_at is None:
