@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from app.files.tasks import run_round
 from app.kit.time import utcnow
-from app.models import Blob, File, Scope, Upload, UploadPart
+from app.models import Blob, File, Job, Scope, Upload, UploadPart
 from app.workers.runner import WorkerContext
 from tests.conftest import make_settings
 
@@ -153,3 +153,41 @@ async def test_only_one_replica_runs_a_round_at_a_time(app_factory, engine) -> N
                 text("SELECT pg_advisory_unlock(:k)"), {"k": MAINTENANCE_LOCK_KEY}
             )
     assert await run_round(context_for(app_factory), app_factory.storage()) is not None
+
+
+async def test_an_expired_file_an_unfinished_job_uses_stays_until_the_job_ends(
+    api, app_factory, session
+) -> None:
+    made = (
+        await api.post(
+            "/v1/files", files={"file": ("t.jsonl", b'{"a": 1}\n')}, data={"purpose": "fine-tune"}
+        )
+    ).json()
+    project_id = (await session.get(File, made["id"])).project_id
+    job = Job(
+        id="ftjob-expiry00000000000000001",
+        project_id=project_id,
+        provider="openai",
+        model="gpt-4o-mini-2024-07-18",
+        training_file=made["id"],
+        method={"type": "supervised"},
+        hyperparameters={},
+        status="queued",
+        result_files=[],
+        submit_attempts=0,
+    )
+    session.add(job)
+    await session.execute(
+        update(File).where(File.id == made["id"]).values(expires_at=utcnow() - timedelta(seconds=1))
+    )
+    await session.commit()
+
+    report = await run_round(context_for(app_factory), app_factory.storage())
+    assert report is not None and report.files_expired == 0
+    assert (await api.get(f"/v1/files/{made['id']}")).status_code == 200
+
+    await session.execute(update(Job).where(Job.id == job.id).values(status="succeeded"))
+    await session.commit()
+    report = await run_round(context_for(app_factory), app_factory.storage())
+    assert report is not None and report.files_expired == 1
+    assert (await api.get(f"/v1/files/{made['id']}")).status_code == 404

@@ -8,7 +8,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.repository import ProjectScopedRepository, Repository
-from app.models import Blob, File, Upload, UploadPart
+from app.models import Blob, File, Job, Upload, UploadPart
+from app.models.job import ACTIVE_JOB_STATUSES
 
 
 class FileRepository(ProjectScopedRepository[File]):
@@ -128,7 +129,13 @@ class MaintenanceRepository:
         await self.session.execute(delete(UploadPart).where(UploadPart.upload_id == upload_id))
 
     async def delete_expired_files(self, now: datetime, limit: int) -> int:
-        ids = select(File.id).where(File.expires_at < now).limit(limit).scalar_subquery()
+        """Expired files go, except those an unfinished job still uses (they go once it ends):
+        the same rule DELETE /v1/files/{id} follows."""
+        in_use = exists().where(
+            Job.status.in_(ACTIVE_JOB_STATUSES),
+            (Job.training_file == File.id) | (Job.validation_file == File.id),
+        )
+        ids = select(File.id).where(File.expires_at < now, ~in_use).limit(limit).scalar_subquery()
         deleted = (
             await self.session.scalars(delete(File).where(File.id.in_(ids)).returning(File.sha256))
         ).all()

@@ -18,10 +18,11 @@ from app.jobs.schemas import JobObject
 from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Job, JobEvent
+from app.models.job import ACTIVE_JOB_STATUSES
 from app.webhooks.events import emit
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE = frozenset({"validating_files", "queued", "running", "paused"})
+ACTIVE = ACTIVE_JOB_STATUSES
 
 # Which moves are allowed. Providers may skip steps (queued -> succeeded when a job is fast),
 # so forward jumps are allowed; nothing leaves a terminal state.

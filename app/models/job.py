@@ -29,6 +29,8 @@ JOB_STATUSES = (
     "cancelled",
     "paused",
 )
+# Unfinished jobs: they still need their files (jobs/state.py decides the moves between them).
+ACTIVE_JOB_STATUSES = frozenset({"validating_files", "queued", "running", "paused"})
 
 
 class Job(CreatedAtMixin, Base):
