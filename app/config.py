@@ -16,6 +16,8 @@ from pathlib import Path
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.kit.signing import SignatureError, secret_bytes
+
 # Values that people paste from examples; refused as secrets outside development.
 PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "secret", "password", "admin", "test", "example", "xxx"}
@@ -299,6 +301,11 @@ class Settings(BaseSettings):
     def _refuse_placeholders_in_production(self) -> Settings:
         if self.storage.backend is StorageBackend.s3 and not self.storage.s3_bucket:
             raise ValueError("TUNEGATE_STORAGE__S3_BUCKET is required with the s3 storage backend")
+        if self.openai_webhook_secret is not None and self.openai_webhook_secret.get_secret_value():
+            try:  # a malformed secret would fail every webhook later; say so at start-up
+                secret_bytes(self.openai_webhook_secret.get_secret_value())
+            except SignatureError as exc:
+                raise ValueError(f"OPENAI_WEBHOOK_SECRET: {exc}") from None
         if not self.is_production:
             return self
         key = self.bootstrap_admin_key

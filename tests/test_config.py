@@ -49,3 +49,10 @@ def test_bad_values_are_refused_with_the_variable_named(monkeypatch, tmp_path) -
     monkeypatch.setenv("TUNEGATE_LOG__LEVEL", "LOUD")
     with pytest.raises(ValidationError, match="level"):
         Settings()
+
+
+def test_a_malformed_openai_webhook_secret_stops_start_up(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_WEBHOOK_SECRET", "whsec_!!not-base64")
+    with pytest.raises(ValidationError, match="OPENAI_WEBHOOK_SECRET: the webhook secret"):
+        Settings()

@@ -29,7 +29,6 @@ router = APIRouter(
     prefix="/v1/provider_webhooks", tags=["provider_webhooks"], responses=ERROR_RESPONSES
 )
 
-TOLERANCE_SECONDS = 300
 JOB_EVENT_PREFIX = "fine_tuning.job."
 
 
@@ -64,7 +63,6 @@ async def openai_webhook(request: Request) -> WebhookAck:
             secret.get_secret_value(),
             request.headers,
             body,
-            tolerance_seconds=TOLERANCE_SECONDS,
         )
     except signing.SignatureError as exc:
         raise BadRequest(f"Invalid webhook signature: {exc}", code="invalid_signature") from None

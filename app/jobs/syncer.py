@@ -199,21 +199,24 @@ class Syncer:
             log.debug("job sync", job_id=claim.job_id, began=wall, ended=time.time())
 
     async def _sync(self, provider: Provider, claim: _Claim, began: float) -> None:
+        written = 0.0
         try:
             fetched = await self._fetch(provider, claim)
+            written = time.perf_counter()
+            changed = await self._write(provider, claim, fetched)
         except ProviderError as exc:
             self.metrics.syncs.labels(provider.name, "error").inc()
             await self._record_failure(provider, claim, exc)
             return
         except Exception:
+            # Fetching or writing (a result file that cannot be stored, a database error): the
+            # job backs off with the failure on record instead of retrying unseen every lease.
             log.exception("sync failed unexpectedly", job_id=claim.job_id)
             self.metrics.syncs.labels(provider.name, "error").inc()
             await self._record_failure(
                 provider, claim, ProviderError("tunegate failed to sync the job; see its logs")
             )
             return
-        written = time.perf_counter()
-        changed = await self._write(provider, claim, fetched)
         self.metrics.database.labels(provider.name).observe(time.perf_counter() - written)
         self.metrics.syncs.labels(provider.name, "changed" if changed else "ok").inc()
         self.metrics.duration.labels(provider.name).observe(time.perf_counter() - began)
