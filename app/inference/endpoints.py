@@ -26,8 +26,9 @@ from app.db.session import SessionDep
 from app.inference import service
 from app.inference.repository import AliasRepository, UsageRepository
 from app.inference.usage import UsageRecorder
-from app.kit.errors import Conflict, InvalidPayload, NotFound
+from app.kit.errors import BadGateway, Conflict, InvalidPayload, NotFound
 from app.kit.http import ERROR_RESPONSES, JSONRoute, request_id_of
+from app.kit.logging import get_logger
 from app.kit.pagination import ListPage, PageParams, page_params, to_page
 from app.kit.time import to_unix, utcnow
 from app.models import ModelAlias
@@ -36,6 +37,8 @@ from app.providers.base import Provider, ProviderError
 router = APIRouter(
     prefix="/v1", tags=["inference"], route_class=JSONRoute, responses=ERROR_RESPONSES
 )
+
+log = get_logger("tunegate.inference")
 
 DONE = b"data: [DONE]\n\n"
 MAX_UNIX = 253402300799  # 9999-12-31T23:59:59Z
@@ -152,7 +155,10 @@ async def _stream(
     try:
         first = await anext(chunks)  # errors before any chunk: a plain error response
     except StopAsyncIteration:
-        first = None
+        await chunks.aclose()  # type: ignore[attr-defined]
+        empty = BadGateway(f"The provider's stream for `{model}` ended before any chunk.")
+        usage.done(empty.status_code, stream=True)
+        raise empty from None
     except ProviderError as exc:
         await chunks.aclose()  # type: ignore[attr-defined]
         failure = service.upstream_error(exc, model)
@@ -166,7 +172,7 @@ async def _stream(
 
 
 async def _events(
-    first: dict[str, Any] | None,
+    first: dict[str, Any],
     chunks: AsyncIterator[dict[str, Any]],
     model: str,
     usage: _Usage,
@@ -175,19 +181,23 @@ async def _events(
     status = CLIENT_CLOSED
     reported: Any = None
     try:
-        if first is not None:
-            async for chunk in _prepend(first, chunks):
-                if chunk.get("usage"):
-                    reported = chunk["usage"]
-                    if not wants_usage and not chunk.get("choices"):
-                        continue  # the usage-only chunk the caller did not ask for
-                if not wants_usage:
-                    chunk.pop("usage", None)
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        async for chunk in _prepend(first, chunks):
+            if chunk.get("usage"):
+                reported = chunk["usage"]
+                if not wants_usage and not chunk.get("choices"):
+                    continue  # the usage-only chunk the caller did not ask for
+            if not wants_usage:
+                chunk.pop("usage", None)
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         yield DONE
         status = 200
     except ProviderError as exc:
         failure = service.upstream_error(exc, model)
+        status = failure.status_code
+        yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
+    except Exception:  # a bug here must still end the stream with an error event
+        log.exception("chat completion stream failed", model=model)
+        failure = BadGateway("The stream failed inside tunegate; see its logs.")
         status = failure.status_code
         yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
     finally:

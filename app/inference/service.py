@@ -27,7 +27,7 @@ from app.providers.base import (
 )
 from app.registry import service as registry
 from app.registry.repository import FineTunedModelRepository
-from app.validation.catalog import known_models
+from app.validation.catalog import known_models, resolve_model
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,21 @@ async def resolve(
 ) -> Route:
     """The provider for `model`, read in a short session of its own (no transaction stays open
     while the provider answers)."""
-    async with sessionmaker() as session:
-        target = model
-        if ":" not in model:  # an alias never has one (ALIAS_PATTERN); `ft:` models always do
-            alias = await AliasRepository(session, project_id).get(model)
-            target = alias.model if alias is not None else model
-        provider_name = await _provider_of(session, set(providers), project_id, target)
+    configured = set(providers)
+    target = model
+    spec = None if model.startswith("ft:") else resolve_model(model)
+    if spec is not None and spec.provider in configured:
+        provider_name: str | None = spec.provider  # a catalogued base model: no query at all
+    else:
+        async with sessionmaker() as session:
+            if ":" not in model:  # an alias never has one (ALIAS_PATTERN); `ft:` models do
+                alias = await AliasRepository(session, project_id).get(model)
+                target = alias.model if alias is not None else model
+            provider_name = await _provider_of(session, configured, project_id, target)
+        if provider_name is None and not target.startswith("ft:") and len(configured) == 1:
+            # Any other base model of the only provider (it answers 404 for an unknown one,
+            # which is `model_not_found` too).
+            provider_name = next(iter(configured))
     if provider_name is None:
         raise registry.model_not_found(model)
     model = target

@@ -35,6 +35,7 @@ class UsageRecorder:
         self._buffer: list[dict[str, Any]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
+        self._closing = False
 
     def record(self, **row: Any) -> None:
         self._buffer.append(row)
@@ -48,7 +49,7 @@ class UsageRecorder:
             self._flusher = asyncio.create_task(self._flush_loop(), name="usage:flush")
 
     async def _flush_loop(self) -> None:
-        while self._buffer:
+        while self._buffer and not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), timeout=self._interval)
             self._full.clear()
@@ -64,17 +65,15 @@ class UsageRecorder:
         except Exception:
             log.exception("could not write usage records; keeping them for the next try")
             self._buffer[:0] = batch
-            await asyncio.sleep(self._interval)
+            if not self._closing:
+                await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        batch, self._buffer = self._buffer, []
-        if batch:
-            try:
-                async with self._sessionmaker()() as session, session.begin():
-                    await session.execute(_INSERT, batch)
-            except Exception:
-                log.exception("usage records lost at shutdown", count=len(batch))
+        """Let a write under way finish, then write what is left (once)."""
+        self._closing = True
+        self._full.set()
+        if self._flusher is not None:
+            await self._flusher
+        await self.flush()
+        if self._buffer:
+            log.error("usage records lost at shutdown", count=len(self._buffer))

@@ -82,8 +82,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _error_doc("Invalid payload; `param` names the field"),
     429: _error_doc("Rate limited; see Retry-After"),
     500: _error_doc("Unexpected error; the message carries the request id"),
-    502: _error_doc("The upstream provider failed or is not configured"),
-    503: _error_doc("Busy (no database connection free); see Retry-After"),
+    502: _error_doc("The upstream provider failed or could not be reached"),
+    503: _error_doc("Busy (no database connection free; see Retry-After), or not configured"),
 }
 
 

@@ -176,6 +176,10 @@ class _Translated:
     ) -> None:
         if isinstance(exc, openai.OpenAIError):
             raise translate_error(exc, secrets=[self._secret]) from exc
+        if isinstance(exc, ValueError):  # a 200 whose body (or a stream's line) is not JSON
+            raise ProviderServerError(
+                f"The provider's answer did not parse ({type(exc).__name__})."
+            ) from exc
 
 
 class OpenAIProvider(Provider):

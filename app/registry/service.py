@@ -116,9 +116,9 @@ def model_not_found(model: str) -> NotFound:
 async def base_model_provider(session: AsyncSession, providers: set[str], model: str) -> str | None:
     """Which of `providers` has `model` as a base model: the catalog first (no query), then
     what the providers reported. One row, where `base_models` builds the whole list."""
-    for spec in known_models():
-        if spec.id == model and spec.provider in providers:
-            return spec.provider
+    spec = resolve_model(model)  # an id or an undated name (`gpt-4o-mini`)
+    if spec is not None and spec.provider in providers and not model.startswith("ft:"):
+        return spec.provider
     if not providers:
         return None
     return await RegistryRepository(session).provider_of(model, providers)

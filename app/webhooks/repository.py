@@ -71,19 +71,20 @@ class DeliveryRepository(ProjectScopedRepository[WebhookDelivery]):
         )
 
     async def requeue(self, delivery: WebhookDelivery, now: datetime) -> None:
-        """Pending again now, at the end of its subject's order (a new `seq`), with a fresh
-        schedule and no lease (a late outcome of an earlier attempt no longer applies)."""
+        """Pending again now with a fresh schedule and no lease (a late outcome of an earlier
+        attempt no longer applies). A settled delivery goes to the end of its subject's order
+        (a new `seq`); a pending one keeps its place, so what waits behind it still waits."""
+        values: dict[str, Any] = {
+            "status": "pending",
+            "failures": 0,
+            "next_attempt_at": now,
+            "lease_until": None,
+            "delivered_at": None,
+        }
+        if delivery.status != "pending":
+            values["seq"] = func.nextval(func.pg_get_serial_sequence("webhook_deliveries", "seq"))
         await self.session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id == delivery.id)
-            .values(
-                status="pending",
-                failures=0,
-                next_attempt_at=now,
-                lease_until=None,
-                delivered_at=None,
-                seq=func.nextval(func.pg_get_serial_sequence("webhook_deliveries", "seq")),
-            )
+            update(WebhookDelivery).where(WebhookDelivery.id == delivery.id).values(**values)
         )
         await self.session.refresh(delivery)
 
