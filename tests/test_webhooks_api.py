@@ -239,3 +239,24 @@ async def test_settled_deliveries_and_their_events_are_purged_after_retention(ap
     assert old["event_id"] not in events and waiting["event_id"] in events
     assert await session.scalar(select(func.count()).select_from(WebhookEvent)) == len(events)
     assert_envelope(await api.get(f"/v1/webhook_deliveries/{old['id']}"), 404)
+
+
+async def test_redelivery_keeps_a_pending_deliverys_place_in_order(api, session) -> None:
+    created = await create(api)
+    sent = (await api.post(f"{ENDPOINTS}/{created['id']}/test")).json()
+
+    async def seq() -> int:
+        return int(
+            await session.scalar(
+                select(WebhookDelivery.seq).where(WebhookDelivery.id == sent["id"])
+            )
+        )
+
+    before = await seq()
+    assert (await api.post(f"/v1/webhook_deliveries/{sent['id']}/redeliver")).status_code == 202
+    assert await seq() == before  # still pending: what waits behind it keeps waiting
+    await session.execute(
+        update(WebhookDelivery).where(WebhookDelivery.id == sent["id"]).values(status="failed")
+    )
+    assert (await api.post(f"/v1/webhook_deliveries/{sent['id']}/redeliver")).status_code == 202
+    assert await seq() > before  # settled: sent again after what came since
