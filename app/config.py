@@ -219,6 +219,12 @@ class InferenceSettings(BaseModel):
     timeout: timedelta = timedelta(seconds=120)
     # Usage records are written in batches this often (and when 500 are waiting).
     usage_flush_interval: timedelta = timedelta(seconds=1)
+    # Completion requests per minute per API key (0 = unlimited), on top of the general
+    # TUNEGATE_AUTH__RATE_LIMIT_PER_MINUTE. Per process: divide by the replica count.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+    # Largest completion request body (long contexts and inline images are bigger than the
+    # general TUNEGATE_MAX_REQUEST_BYTES).
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
 
 class OpenAISettings(BaseModel):

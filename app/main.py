@@ -132,6 +132,7 @@ def create_app(
         registry=app.state.metrics_registry,
     )
     app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
+    app.state.inference_limiter = RateLimiter(settings.inference.rate_limit_per_minute)
     app.state.usage = UsageRecorder(
         lambda: app.state.database.sessionmaker,
         settings.inference.usage_flush_interval.total_seconds(),
@@ -165,7 +166,9 @@ _MULTIPART_OVERHEAD = 1024 * 1024
 
 def _upload_body_limits(settings: Settings) -> list[tuple[re.Pattern[str], int]]:
     files = settings.files
+    completions = settings.inference.max_request_bytes
     return [
+        (re.compile(r"^/v1/(chat/)?completions/?$"), completions),
         (re.compile(r"^/v1/files/?$"), files.max_file_bytes + _MULTIPART_OVERHEAD),
         (re.compile(r"^/v1/uploads/[^/]+/parts/?$"), files.max_part_bytes + _MULTIPART_OVERHEAD),
     ]

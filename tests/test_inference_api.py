@@ -1,6 +1,7 @@
-"""`/v1/chat/completions` in-process: who may call which model (no provider is called before the
-model is resolved for the caller's project), and bad bodies in OpenAI's envelope. The answers
-themselves, streamed and not, come from the emulator in tests/test_jobs_process.py."""
+"""`/v1/chat/completions` and `/v1/completions` in-process: who may call which model (no
+provider is called before the model is resolved for the caller's project), rate limits, body
+limits and bad bodies in OpenAI's envelope. The answers themselves, streamed and not, come from
+the emulator in tests/test_jobs_process.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from app.models import FineTunedModel, Job, Scope
 from tests.test_auth import assert_envelope
 
 CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
 TUNED = "ft:gpt-4o-mini-2024-07-18:acme:bot:abc123"
 
 
@@ -86,6 +88,60 @@ async def test_bad_bodies_are_refused_in_the_envelope(owner, client_for, body) -
 
 async def test_no_key_is_401(client) -> None:
     assert_envelope(await client.post(CHAT, json=ask("gpt-4o-mini")), 401, "invalid_api_key")
+    body = {"model": "davinci-002", "prompt": "hi"}
+    assert_envelope(await client.post(TEXT, json=body), 401, "invalid_api_key")
+
+
+async def test_legacy_completions_resolve_models_like_chat(owner, client_for, factories) -> None:
+    mine = client_for(owner.key)
+    other = client_for((await factories.key(scope=Scope.read)).key)
+    body = {"model": TUNED, "prompt": "2 + 2 ="}
+    assert_envelope(await mine.post(TEXT, json=body), 503, "provider_not_configured")
+    assert_envelope(await other.post(TEXT, json=body), 404, "model_not_found")
+    assert_envelope(await other.post(TEXT, json=body | {"stream": True}), 404, "model_not_found")
+    for bad in (
+        {"model": TUNED},  # prompt is required (null is allowed: OpenAI's document start)
+        {"model": TUNED, "prompt": {"text": "hi"}},
+        {"model": TUNED, "prompt": ["a", 1]},
+        {"model": TUNED, "prompt": "hi", "stream": 1},
+    ):
+        assert_envelope(await mine.post(TEXT, json=bad), 422)
+    null_prompt = await mine.post(TEXT, json={"model": TUNED, "prompt": None})
+    assert_envelope(null_prompt, 503, "provider_not_configured")
+
+
+async def test_completions_have_their_own_per_key_rate_limit(
+    app_factory, client_for, factories
+) -> None:
+    limited = app_factory(inference={"rate_limit_per_minute": 2})
+    credentials = await factories.key(scope=Scope.read)
+    other = await factories.key(scope=Scope.read)
+    mine = client_for(credentials.key, target=limited)
+    for _ in range(2):  # the model is unknown, but the request counts
+        assert (await mine.post(CHAT, json=ask("gpt-nonexistent"))).status_code == 404
+    refused = await mine.post(TEXT, json={"model": "davinci-002", "prompt": "hi"})
+    error = assert_envelope(refused, 429, "rate_limit_exceeded")
+    assert "per minute" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    # Other endpoints, and other keys, are not limited by it.
+    assert (await mine.get("/v1/models")).status_code == 200
+    theirs = client_for(other.key, target=limited)
+    assert (await theirs.post(CHAT, json=ask("gpt-nonexistent"))).status_code == 404
+
+
+async def test_completion_bodies_may_exceed_the_general_body_limit(
+    app_factory, client_for, factories
+) -> None:
+    small = app_factory(max_request_bytes=2048, inference={"max_request_bytes": 8192})
+    credentials = await factories.key(scope=Scope.read)
+    mine = client_for(credentials.key, target=small)
+    long = [{"role": "user", "content": "x" * 4000}]
+    answer = await mine.post(CHAT, json={"model": "gpt-nonexistent", "messages": long})
+    assert_envelope(answer, 404, "model_not_found")  # read, then the model is unknown
+    huge = [{"role": "user", "content": "x" * 10_000}]
+    too_big = await mine.post(CHAT, json={"model": "gpt-nonexistent", "messages": huge})
+    assert_envelope(too_big, 413)
+    assert_envelope(await mine.post("/v1/model_aliases", json={"name": "a" * 3000}), 413)
 
 
 async def test_aliases_name_a_projects_model_and_switch(

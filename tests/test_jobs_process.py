@@ -3,6 +3,7 @@ the OpenAI emulator (`tunegate emulator`) on loopback."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -419,3 +420,53 @@ def test_usage_totals_match_what_the_upstream_reported(
     assert by_day["totals"]["requests"] >= after["requests"]
     assert http.get("/v1/usage", params={"start": 10, "end": 5}).status_code == 422
     http.close()
+
+
+def test_legacy_completions_serve_a_prompt_completion_fine_tune(
+    client: openai.OpenAI, emulator: httpx.Client, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    lines = [
+        json.dumps({"prompt": f"{n} doubled ->", "completion": f" {2 * n}\n"}) for n in range(12)
+    ]
+    path = tmp_path_factory.mktemp("legacy") / "double.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with path.open("rb") as handle:
+        training = client.files.create(file=handle, purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(model="babbage-002", training_file=training)
+    done = wait_for(finished(client, job.id), 60, "the job to finish")
+    assert done.status == "succeeded" and done.fine_tuned_model, done
+    tuned = client.completions.create(model=done.fine_tuned_model, prompt="5 doubled ->")
+    assert tuned.object == "text_completion" and tuned.model == done.fine_tuned_model
+    assert tuned.choices[0].text == " 10\n" and tuned.choices[0].finish_reason == "stop"
+    assert tuned.usage is not None and tuned.usage.completion_tokens >= 1
+    base = client.completions.create(model="babbage-002", prompt="5 doubled ->")
+    assert base.choices[0].text != " 10\n"
+    # Several prompts at once, and a stop sequence, pass through.
+    several = client.completions.create(
+        model=done.fine_tuned_model, prompt=["1 doubled ->", "2 doubled ->"], stop=["\n"]
+    )
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [" 2", " 4"]
+    streamed = list(
+        client.completions.create(
+            model=done.fine_tuned_model,
+            prompt="11 doubled ->",
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == " 22\n"
+    assert streamed[-1].usage is not None and streamed[-1].usage.total_tokens > 0
+    plain_stream = list(
+        client.completions.create(model=done.fine_tuned_model, prompt="1 doubled ->", stream=True)
+    )
+    assert all(c.usage is None for c in plain_stream)  # not asked for: not forwarded
+    try:
+        emulator.post("/_emulator/faults", json={"server_error": 1})
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.completions.create(model="babbage-002", prompt="hi")
+        assert failed.value.status_code == 502 and failed.value.code == "upstream_error"
+    finally:
+        emulator.delete("/_emulator/faults")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="ft:babbage-002:nobody:x:y", prompt="hi")
+    assert unknown.value.code == "model_not_found"

@@ -1,6 +1,7 @@
-"""`POST /v1/chat/completions`, OpenAI-compatible, streamed or not, for every model the caller's
-project may use. The request body passes through to the provider unchanged (every OpenAI
-parameter); the provider's answer comes back in OpenAI's shape.
+"""`POST /v1/chat/completions` and `POST /v1/completions` (legacy prompt/completion models),
+OpenAI-compatible, streamed or not, for every model the caller's project may use. The request
+body passes through to the provider unchanged (every OpenAI parameter); the provider's answer
+comes back in OpenAI's shape.
 
 Streaming: `text/event-stream`, each chunk forwarded as it arrives (`data: {…}`), ending with
 `data: [DONE]`. An error before the first chunk is an ordinary error response; one after it is a
@@ -11,7 +12,8 @@ upstream request at once (the provider's stream is closed when ours is).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -56,6 +58,35 @@ class ChatCompletionCreate(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class CompletionCreate(BaseModel):
+    """OpenAI's legacy completion body; fields not named here pass through as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] | None = Field(
+        description="A string, an array of strings, an array of tokens or of token arrays."
+    )
+    stream: StrictBool | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between the two completion endpoints."""
+
+    what: str  # for error messages
+    answer: Callable[[Provider], Callable[..., Awaitable[dict[str, Any]]]]
+    stream: Callable[[Provider], Callable[..., AsyncIterator[dict[str, Any]]]]
+
+
+_CHAT = _Kind("chat completion", lambda p: p.chat_completion, lambda p: p.stream_chat_completion)
+_TEXT = _Kind("completion", lambda p: p.completion, lambda p: p.stream_completion)
+
+
 class UsageTotals(BaseModel):
     key: str = Field(description="The model, or the day (YYYY-MM-DD, UTC).")
     requests: int
@@ -84,20 +115,47 @@ async def create_chat_completion(
 ) -> Response:
     """A chat completion from a base model, a fine-tuned model of this project, one of its
     checkpoints, or an alias of one. `stream: true` answers server-sent events."""
+    return await _complete(_CHAT, body, request, principal)
+
+
+@router.post(
+    "/completions",
+    response_model=dict[str, Any],
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def create_completion(
+    body: CompletionCreate, request: Request, principal: ReadPrincipal
+) -> Response:
+    """A legacy completion (`prompt` in, `text` out) from a prompt/completion-style model
+    (`babbage-002`, `davinci-002`, `gpt-3.5-turbo-instruct`, fine-tunes of them), or an alias
+    of one. `stream: true` answers server-sent events."""
+    return await _complete(_TEXT, body, request, principal)
+
+
+async def _complete(
+    kind: _Kind,
+    body: ChatCompletionCreate | CompletionCreate,
+    request: Request,
+    principal: Principal,
+) -> Response:
     state = request.app.state
+    state.inference_limiter.check(principal.key_id)
     route = await service.resolve(
         state.database.sessionmaker, state.providers or {}, principal.project_id, body.model
     )
     # An alias is asked of the provider (and recorded) as the model it names.
     usage = _Usage(state.usage, principal, request_id_of(request), route.model, route.provider.name)
     payload = body.model_dump(exclude_none=True) | {"model": route.model}
+    if isinstance(body, CompletionCreate) and body.prompt is None:
+        payload["prompt"] = None  # OpenAI's default document start; null passes through
     timeout = state.settings.inference.timeout.total_seconds()
     if body.stream:
-        return await _stream(route.provider, payload, body.model, timeout, usage)
+        chunks = kind.stream(route.provider)
+        return await _stream(chunks, kind, payload, body.model, timeout, usage)
     try:
-        answer = await route.provider.chat_completion(payload, wait_seconds=timeout)
+        answer = await kind.answer(route.provider)(payload, wait_seconds=timeout)
     except ProviderError as exc:
-        failure = service.upstream_error(exc, body.model)
+        failure = service.upstream_error(exc, body.model, kind.what)
         usage.done(failure.status_code, stream=False)
         raise failure from None
     usage.done(200, stream=False, reported=answer.get("usage"))
@@ -144,14 +202,19 @@ def _count(value: Any) -> int:
 
 
 async def _stream(
-    provider: Provider, payload: dict[str, Any], model: str, wait_seconds: float, usage: _Usage
+    open_stream: Callable[..., AsyncIterator[dict[str, Any]]],
+    kind: _Kind,
+    payload: dict[str, Any],
+    model: str,
+    wait_seconds: float,
+    usage: _Usage,
 ) -> Response:
     # Usage is always asked of the provider (it is recorded); the caller gets the final usage
     # chunk only when it asked for it.
     options = payload.get("stream_options") or {}
     wants_usage = options.get("include_usage") is True
     payload = {**payload, "stream_options": {**options, "include_usage": True}}
-    chunks = provider.stream_chat_completion(payload, wait_seconds=wait_seconds)
+    chunks = open_stream(payload, wait_seconds=wait_seconds)
     try:
         first = await anext(chunks)  # errors before any chunk: a plain error response
     except StopAsyncIteration:
@@ -161,11 +224,11 @@ async def _stream(
         raise empty from None
     except ProviderError as exc:
         await chunks.aclose()  # type: ignore[attr-defined]
-        failure = service.upstream_error(exc, model)
+        failure = service.upstream_error(exc, model, kind.what)
         usage.done(failure.status_code, stream=True)
         raise failure from None
     return StreamingResponse(
-        _events(first, chunks, model, usage, wants_usage),
+        _events(first, chunks, kind, model, usage, wants_usage),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -174,6 +237,7 @@ async def _stream(
 async def _events(
     first: dict[str, Any],
     chunks: AsyncIterator[dict[str, Any]],
+    kind: _Kind,
     model: str,
     usage: _Usage,
     wants_usage: bool,
@@ -192,11 +256,11 @@ async def _events(
         yield DONE
         status = 200
     except ProviderError as exc:
-        failure = service.upstream_error(exc, model)
+        failure = service.upstream_error(exc, model, kind.what)
         status = failure.status_code
         yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
     except Exception:  # a bug here must still end the stream with an error event
-        log.exception("chat completion stream failed", model=model)
+        log.exception("completion stream failed", model=model, kind=kind.what)
         failure = BadGateway("The stream failed inside tunegate; see its logs.")
         status = failure.status_code
         yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"

@@ -113,9 +113,9 @@ async def _provider_of(
     return checkpoint_provider
 
 
-def upstream_error(exc: ProviderError, model: str) -> APIError:
+def upstream_error(exc: ProviderError, model: str, what: str = "chat completion") -> APIError:
     """A provider failure as the caller sees it; a model the provider does not know is
     `model_not_found`, as OpenAI answers."""
     if isinstance(exc, ProviderNotFound):
         return registry.model_not_found(model)
-    return as_api_error(exc, "chat completion")
+    return as_api_error(exc, what)

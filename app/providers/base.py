@@ -254,6 +254,19 @@ class Provider(ABC):
         request is sent on the first iteration (so errors before any chunk surface there);
         closing the iterator closes the upstream request."""
 
+    async def completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """A non-streamed legacy completion (`/v1/completions`, prompt in, text out)."""
+        raise ProviderNotSupported(f"The {self.name} provider does not serve /v1/completions.")
+
+    async def stream_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Streamed legacy completion chunks, as `stream_chat_completion` streams chat ones."""
+        raise ProviderNotSupported(f"The {self.name} provider does not serve /v1/completions.")
+        yield {}  # an async generator, like the implementations
+
     @abstractmethod
     async def list_base_models(self) -> list[BaseModelInfo]: ...
 

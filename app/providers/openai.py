@@ -409,25 +409,42 @@ class OpenAIProvider(Provider):
     async def chat_completion(
         self, body: dict[str, Any], *, wait_seconds: float | None = None
     ) -> dict[str, Any]:
+        return await self._answer("/chat/completions", body, wait_seconds)
+
+    def stream_chat_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        return self._stream("/chat/completions", body, wait_seconds)
+
+    async def completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> dict[str, Any]:
+        return await self._answer("/completions", body, wait_seconds)
+
+    def stream_completion(
+        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        return self._stream("/completions", body, wait_seconds)
+
+    async def _answer(
+        self, path: str, body: dict[str, Any], wait_seconds: float | None
+    ) -> dict[str, Any]:
         # Which method was called decides streaming, not the body's `stream` flag.
         request = {key: value for key, value in body.items() if key != "stream"}
         with self._translated():
             answer = await self._client.post(
-                "/chat/completions",
-                body=request,
-                cast_to=object,
-                options=_chat_options(wait_seconds),
+                path, body=request, cast_to=object, options=_chat_options(wait_seconds)
             )
         if not isinstance(answer, dict):
-            raise ProviderServerError("OpenAI answered a chat completion with no JSON object.")
+            raise ProviderServerError(f"OpenAI answered {path} with no JSON object.")
         return cast(dict[str, Any], answer)
 
-    async def stream_chat_completion(
-        self, body: dict[str, Any], *, wait_seconds: float | None = None
+    async def _stream(
+        self, path: str, body: dict[str, Any], wait_seconds: float | None
     ) -> AsyncIterator[dict[str, Any]]:
         with self._translated():
             stream = await self._client.post(
-                "/chat/completions",
+                path,
                 body={**body, "stream": True},
                 cast_to=object,
                 options=_chat_options(wait_seconds),

@@ -1,9 +1,10 @@
-"""`/v1/chat/completions`: deterministic answers, plain or streamed (SSE), with usage.
+"""`/v1/chat/completions` and `/v1/completions`: deterministic answers, plain or streamed
+(SSE), with usage.
 
-A base model echoes the last user message. A fine-tuned model (or one of its checkpoints)
-answers a prompt it was trained on with the trained answer, and echoes anything else, so a test
-can tell a tuned model from its base. `max_tokens`/`max_completion_tokens`, `stop`, `n` and
-`stream_options.include_usage` behave as OpenAI's do.
+A base model echoes the last user message (or the prompt). A fine-tuned model (or one of its
+checkpoints) answers a prompt it was trained on with the trained answer, and echoes anything
+else, so a test can tell a tuned model from its base. `max_tokens`/`max_completion_tokens`,
+`stop`, `n` and `stream_options.include_usage` behave as OpenAI's do.
 """
 
 from __future__ import annotations
@@ -102,9 +103,7 @@ def chat_router(state: EmulatorState) -> APIRouter:
         model, answers = resolve(required_str(body, "model"), now)
         messages = _messages(body)
         limit = optional_int(body, "max_completion_tokens") or optional_int(body, "max_tokens")
-        choices = optional_int(body, "n") or 1
-        if not 1 <= choices <= 128:
-            raise invalid_value("n", "expected a value between 1 and 128.")
+        choices = _choices(body)
         prompt = last_prompt(messages) or ""
         answer = answers.get(prompt, f"Echo: {prompt}")
         content, truncated = _truncate(_stop(answer, body.get("stop")), limit)
@@ -137,7 +136,95 @@ def chat_router(state: EmulatorState) -> APIRouter:
             **extra,
         }
 
+    @router.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> dict[str, Any] | StreamingResponse:
+        body = await json_object(request)
+        now = state.tick()
+        model, answers = resolve(required_str(body, "model"), now)
+        prompts = _prompts(body)
+        limit = optional_int(body, "max_tokens")
+        choices = _choices(body)
+        texts = []
+        for prompt in prompts:
+            answer = answers.get(prompt, f"Echo: {prompt}")
+            texts.append(_truncate(_stop(answer, body.get("stop")), limit))
+        completion_tokens = sum(count_tokens(text) for text, _ in texts) * choices
+        usage = _usage(sum(count_tokens(p) for p in prompts), completion_tokens)
+        del usage["prompt_tokens_details"], usage["completion_tokens_details"]
+        head = {
+            "id": random_id("cmpl-", 29),
+            "object": "text_completion",
+            "created": int(now),
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+        }
+        results = [
+            (p * choices + c, text, "length" if cut else "stop")
+            for p, (text, cut) in enumerate(texts)
+            for c in range(choices)
+        ]
+        if body.get("stream") is True:
+            options = optional_object(body, "stream_options") or {}
+            include_usage = options.get("include_usage") is True
+            pieces = _text_chunks(head, results, usage, include_usage)
+            return StreamingResponse(
+                _observed(state, pieces, _chunk_delay(body)), media_type="text/event-stream"
+            )
+        return {
+            **head,
+            "choices": [
+                {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+                for index, text, reason in results
+            ],
+            "usage": usage,
+        }
+
     return router
+
+
+def _choices(body: dict[str, Any]) -> int:
+    choices = optional_int(body, "n") or 1
+    if not 1 <= choices <= 128:
+        raise invalid_value("n", "expected a value between 1 and 128.")
+    return choices
+
+
+def _prompts(body: dict[str, Any]) -> list[str]:
+    """The prompt as strings: a string or an array of strings (token arrays are not emulated)."""
+    if "prompt" not in body:
+        raise missing_parameter("prompt")
+    prompt = body["prompt"]
+    if prompt is None:
+        return ["<|endoftext|>"]
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise invalid_type("prompt", "a string or a non-empty array of strings", prompt)
+
+
+async def _text_chunks(
+    head: dict[str, Any],
+    results: list[tuple[int, str, str]],
+    usage: dict[str, Any],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(text: str, index: int, reason: str | None) -> str:
+        body: dict[str, Any] = {
+            **head,
+            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}],
+        }
+        if include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    for index, text, reason in results:
+        for piece in _PIECE.findall(text):
+            yield chunk(piece, index, None)
+        yield chunk("", index, reason)
+    if include_usage:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _chunk_delay(body: dict[str, Any]) -> float:
