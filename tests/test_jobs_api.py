@@ -128,6 +128,13 @@ async def test_files_used_by_unfinished_jobs_cannot_be_deleted(api) -> None:
             "hyperparameters",
         ),
         ({"provider": "together"}, 400, "provider"),
+        ({"hyperparameters": {"lora_r": 8}}, 422, "hyperparameters.lora_r"),  # local only
+        ({"hyperparameters": {"lora_r": 0}}, 422, "hyperparameters.lora_r"),
+        (
+            {"hyperparameters": {"target_modules": ["q proj"]}},
+            422,
+            "hyperparameters.target_modules[0]",
+        ),
         ({"surprise": True}, 422, "surprise"),
     ],
 )

@@ -48,6 +48,7 @@ class SubmitQueue(Repository[Job]):
             .where(
                 Job.submitted_at.is_(None),
                 Job.status == "validating_files",
+                Job.provider != "local",  # run by the trainer role, never submitted
                 Job.next_attempt_at <= now,
                 (Job.lease_until.is_(None)) | (Job.lease_until < now),
             )

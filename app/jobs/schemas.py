@@ -63,7 +63,7 @@ class JobCreate(BaseModel):
     provider: str | None = Field(
         default=None,
         max_length=32,
-        description="tunegate: a configured provider (`openai`); default by model.",
+        description="tunegate: a configured provider (`openai`, `local`); default: the model's.",
     )
 
     @field_validator("suffix")

@@ -34,6 +34,9 @@ from app.validation.schemas import Hyperparameters
 from app.validation.service import ValidationContext
 from app.validation.target import Target
 
+LOCAL = "local"  # its jobs are run by the trainer role from this database, never submitted
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+
 
 @dataclass(frozen=True)
 class JobsContext:
@@ -129,6 +132,19 @@ async def create_job(
         hyperparameters["n_epochs"] if isinstance(hyperparameters.get("n_epochs"), int) else None,
     )
     provider = _provider_for(context, body.provider, target.model.provider)
+    if provider.name != target.model.provider:
+        raise BadRequest(
+            f"The model '{body.model}' is a base model of the '{target.model.provider}' "
+            f"provider, not of '{provider.name}'.",
+            param="model",
+            code="model_not_available",
+        )
+    lora = sorted(key for key in LORA_KEYS if hyperparameters.get(key) is not None)
+    if lora and provider.name != LOCAL:
+        raise InvalidPayload(
+            f"{', '.join(lora)} apply to the local provider's LoRA training only.",
+            param=f"hyperparameters.{lora[0]}",
+        )
     if body.metadata is not None and len(body.metadata) >= 16 and provider.name == "openai":
         raise InvalidPayload(
             "At most 15 metadata pairs for OpenAI jobs: tunegate uses one (tunegate_job_id) to "
@@ -181,6 +197,16 @@ async def create_job(
     )
     JobRepository(session, project_id).add(job)
     state.add_event(session, job, f"Created fine-tuning job: {job.id}", at=now)
+    if provider.name == LOCAL:
+        # Its files were validated above, and there is nothing to submit: it waits for a trainer.
+        job.status = "queued"
+        state.add_event(
+            session,
+            job,
+            "Files validated; waiting for a trainer.",
+            data={"status": "queued", "previous_status": "validating_files"},
+            at=now + timedelta(microseconds=2),
+        )
     shutdown = await registry.shutdown_within(
         session, provider.name, body.model, context.settings.jobs.shutdown_warning_days, now.date()
     )
@@ -295,6 +321,14 @@ async def pause_or_resume(
             f"Job {job_id} is {job.status}; only a {needed} job can be {wanted}.",
             code=f"cannot_{action}",
         )
+    if job.provider == LOCAL:
+        # The trainer sees the status between steps: a pause stops it (its checkpoints stay),
+        # a resume queues the job for the next free trainer, which continues from the last one.
+        locked = await _lock_job(session, project_id, job_id)
+        if locked.status == needed:
+            await state.transition(session, locked, "paused" if action == "pause" else "queued")
+            locked.next_attempt_at = utcnow()
+        return locked
     if job.provider_job_id is None:
         raise Conflict(f"Job {job_id} is not at its provider yet; retry shortly.")
     await _provider_call(context, job, action)

@@ -1,7 +1,9 @@
 """Builds the configured providers once per process and closes them at shutdown.
 
 `openai` is present only when `OPENAI_API_KEY` is set; its base URL, organization and project
-come from the other `OPENAI_*` settings (see README, Configuration).
+come from the other `OPENAI_*` settings (see README, Configuration). `local` is present when its
+libraries are installed (the `local` extra) and `TUNEGATE_LOCAL__ENABLED` is not `off`; its
+base models are registered in the catalog here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Mapping
 
 from app.config import Settings
 from app.providers.base import Provider
+from app.providers.local import models as local_models
 from app.providers.openai import OpenAIProvider
 
 
@@ -23,6 +26,11 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             organization=settings.openai_organization,
             project=settings.openai_project,
         )
+    if local_models.enabled(settings):
+        from app.providers.local.provider import LocalProvider
+
+        local_models.register(settings)
+        providers[LocalProvider.name] = LocalProvider(settings)
     return providers
 
 

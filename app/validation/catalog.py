@@ -7,6 +7,11 @@ price per validation (`engine.Target.price_override_usd_per_1m`) when it changes
 `resolve_model` accepts a dated model id, its undated alias (`gpt-4o-mini`), or a fine-tuned
 model id (`ft:<base>:<org>:<suffix>:<id>`, for continued fine-tuning), which resolves to its
 base model's entry.
+
+Local open models (the `local` provider) are not known in advance: the process registers them
+at start-up with `register_models` (see app/providers/local/models.py). Their `encoding` is
+`hf:<model id>`, counted with the model's own tokenizer (app/validation/tokens.py); they have no
+price.
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["PRICE_DATE", "ModelSpec", "encoding_for_model", "known_models", "resolve_model"]
+__all__ = [
+    "PRICE_DATE",
+    "ModelSpec",
+    "encoding_for_model",
+    "known_models",
+    "register_models",
+    "resolve_model",
+]
 
 PRICE_DATE: Final = "2025-06-01"
 
@@ -97,15 +109,27 @@ _ENCODING_PREFIXES: Final = (
 )
 
 
+# Models registered at run time (local open models), by lower-cased id.
+_REGISTERED: dict[str, ModelSpec] = {}
+
+
+def register_models(specs: list[ModelSpec]) -> None:
+    """Add (or replace) run-time models such as the local provider's base models."""
+    for spec in specs:
+        if spec.id.lower() in _BY_ID or spec.id.lower() in _ALIASES:
+            raise ValueError(f"{spec.id} is an OpenAI model's id; give the local model another")
+        _REGISTERED[spec.id.lower()] = spec
+
+
 def known_models() -> list[ModelSpec]:
     """Every model in the catalog, dated ids only (aliases resolve to these)."""
-    return list(_MODELS)
+    return [*_MODELS, *_REGISTERED.values()]
 
 
 def resolve_model(model: str) -> ModelSpec | None:
     """The catalog entry for a model id, alias or `ft:` model id; None when unknown."""
     name = _base_name(model)
-    return _BY_ID.get(_ALIASES.get(name, name))
+    return _BY_ID.get(_ALIASES.get(name, name)) or _REGISTERED.get(name)
 
 
 def encoding_for_model(model: str) -> str | None:

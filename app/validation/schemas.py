@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from annotated_types import Interval
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from annotated_types import Interval, Len
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from app.files.schemas import FileObject
 from app.kit.time import to_unix
@@ -88,6 +88,9 @@ def summary_of(row: ValidationReport) -> dict[str, Any]:
     }
 
 
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]
+
+
 class Hyperparameters(BaseModel):
     """OpenAI's hyperparameters with their ranges (the jobs API checks the same)."""
 
@@ -97,6 +100,11 @@ class Hyperparameters(BaseModel):
     batch_size: Annotated[int, Interval(ge=1, le=256), JSON_INTEGER] | Literal["auto"] = "auto"
     learning_rate_multiplier: Annotated[float, Interval(gt=0, le=100)] | Literal["auto"] = "auto"
     beta: Annotated[float, Interval(gt=0, le=2)] | Literal["auto"] | None = None
+    # tunegate extensions for the local provider's LoRA training.
+    lora_r: Annotated[int, Interval(ge=1, le=512), JSON_INTEGER] | None = None
+    lora_alpha: Annotated[int, Interval(ge=1, le=4096), JSON_INTEGER] | None = None
+    lora_dropout: Annotated[float, Interval(ge=0, lt=1)] | None = None
+    target_modules: Annotated[list[ModuleName], Len(1, 64)] | None = None
 
 
 class MethodDetails(BaseModel):

@@ -14,6 +14,7 @@ are counted by their compact JSON text.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, Final, Protocol, runtime_checkable
 
 import quicktok
@@ -25,6 +26,7 @@ __all__ = [
     "QuicktokCounter",
     "TokenCounter",
     "counter_for_encoding",
+    "register_counter",
 ]
 
 TOKENS_PER_MESSAGE: Final = 3
@@ -89,14 +91,23 @@ class QuicktokCounter:
         return counts
 
 
-_COUNTERS: dict[str, QuicktokCounter] = {}
+_COUNTERS: dict[str, TokenCounter] = {}
 _COUNTERS_LOCK = threading.Lock()
+# Encodings by prefix that another module counts (`hf:<model>`: a local model's tokenizer).
+_FACTORIES: dict[str, Callable[[str], TokenCounter]] = {}
 
 
-def counter_for_encoding(encoding: str) -> QuicktokCounter:
-    """The process-wide quicktok counter for an encoding (loading one takes about 0.5 s)."""
+def register_counter(prefix: str, factory: Callable[[str], TokenCounter]) -> None:
+    """Encodings starting with `prefix` are counted by `factory(encoding)`'s counter."""
+    _FACTORIES[prefix] = factory
+
+
+def counter_for_encoding(encoding: str) -> TokenCounter:
+    """The process-wide counter for an encoding (loading one takes about 0.5 s)."""
     with _COUNTERS_LOCK:
         counter = _COUNTERS.get(encoding)
         if counter is None:
-            counter = _COUNTERS[encoding] = QuicktokCounter(encoding)
+            factory = next((f for p, f in _FACTORIES.items() if encoding.startswith(p)), None)
+            made = factory(encoding) if factory is not None else QuicktokCounter(encoding)
+            counter = _COUNTERS[encoding] = made
         return counter

@@ -1,0 +1,1 @@
+"""The local fine-tuning provider: LoRA training and inference on CPU with torch + PEFT."""
