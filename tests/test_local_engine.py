@@ -199,7 +199,7 @@ def run(gen: engine.Generation) -> tuple[str, int, str | None]:
 def test_greedy_generation_is_deterministic_and_reports_usage(
     source: engine.BaseModelSource,
 ) -> None:
-    messages = [{"role": "user", "content": "Name three colors."}]
+    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
     first = engine.generate(source, None, messages, temperature=0, max_tokens=12)
     assert first.prompt_tokens == engine.count_chat_tokens(
         source, messages, add_generation_prompt=True

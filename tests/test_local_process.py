@@ -128,7 +128,7 @@ def test_a_local_fine_tune_learns_what_its_base_model_does_not(
     assert isinstance(done.hyperparameters.n_epochs, int) and done.hyperparameters.n_epochs >= 2
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
-    steps = [e for e in events if e.type == "metrics" and "step" in (e.data or {})]
+    steps = [e for e in events if e.type == "metrics" and "total_steps" in (e.data or {})]
     assert steps and all("train_loss" in (e.data or {}) for e in steps)
     statuses = [(e.data or {}).get("status") for e in reversed(events)]
     assert statuses.index("running") < statuses.index("succeeded")

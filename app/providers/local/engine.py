@@ -64,6 +64,7 @@ import math
 import struct
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -324,14 +325,24 @@ def _gguf_load_accelerated() -> Iterator[None]:
             readers[key] = original_reader(path, mode)
         return readers[key]
 
+    # Its de-quantization progress bar ignores transformers' switch; silence it the same way.
+    try:
+        gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        gguf_utils = None
+    original_tqdm = getattr(gguf_utils, "tqdm", None)
     with _load_lock:
         gguf.GGUFReader = reader
         gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
+        if original_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
         try:
             yield
         finally:
             gguf.GGUFReader = original_reader
             gguf.get_tensor_name_map = original_map
+            if original_tqdm is not None:
+                gguf_utils.tqdm = original_tqdm
 
 
 def _from_pretrained(factory: Any, source: BaseModelSource, **kwargs: Any) -> Any:
@@ -566,15 +577,30 @@ def encode_example(
 
 
 def _pack_adapter(tensors: dict[str, Any], lora: dict[str, Any], base_id: str) -> bytes:
-    from safetensors.torch import save
+    """Safetensors bytes, written here so that equal adapters give equal bytes (sorted keys)."""
+    import torch
 
     metadata = {
         "format": ADAPTER_FORMAT,
         "base_model": base_id,
         "lora_config": json.dumps(lora, sort_keys=True),
     }
-    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return bytes(save(contiguous, metadata=metadata))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        data = tensor.numpy().tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"".join(chunks)
 
 
 def _unpack_adapter(data: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -676,6 +702,11 @@ class Stop(Exception):
     def __init__(self, reason: str = "cancel") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _trim(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return ids[: last + 1], labels[: last + 1]
 
 
 def _batches(
@@ -806,6 +837,9 @@ def train(
     ]
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     trained_tokens = sum(len(ids) for ids, _ in encoded) * config.n_epochs
+    # Tokens after an example's last label cannot change its loss (attention is causal).
+    encoded = [_trim(ids, labels) for ids, labels in encoded]
+    valid = [_trim(ids, labels) for ids, labels in valid]
 
     settings = _lora_settings(config)
     state: dict[str, Any] | None = None
@@ -818,7 +852,9 @@ def train(
     with loaded.lock:  # no generation on the base model while its tree is copied
         clone = _share_weights(loaded.model)
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(clone, _lora_config(settings, inference=False))
+    with warnings.catch_warnings():  # transformers deprecations triggered inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(clone, _lora_config(settings, inference=False))
     if adapter_tensors is not None:
         set_peft_model_state_dict(peft_model, adapter_tensors)
     lm = peft_model.get_base_model()
@@ -841,7 +877,8 @@ def train(
         first_epoch, step, last_loss = int(state["epoch"]), int(state["step"]), state["loss"]
 
     def adapter_bytes() -> bytes:
-        return _pack_adapter(get_peft_model_state_dict(peft_model), settings, source.id)
+        tensors = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+        return _pack_adapter(tensors, settings, source.id)
 
     peft_model.train()
     for epoch in range(first_epoch, config.n_epochs):
@@ -861,8 +898,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            loss_value = float(loss_sum) / max(n, 1)
-            epoch_loss += float(loss_sum)
+            loss_total = float(loss_sum.detach())
+            loss_value = loss_total / max(n, 1)
+            epoch_loss += loss_total
             epoch_count += n
             on_step(
                 StepReport(
