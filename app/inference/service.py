@@ -36,6 +36,10 @@ class Route:
     provider: Provider
 
 
+# Providers whose every base model tunegate knows (the local one's are registered at start-up):
+# a name they do not have is unknown, not something to ask them about.
+CLOSED_PROVIDERS = frozenset({"local"})
+
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -78,10 +82,11 @@ async def resolve(
                 alias = await AliasRepository(session, project_id).get(model)
                 target = alias.model if alias is not None else model
             provider_name = await _provider_of(session, configured, project_id, target)
-        if provider_name is None and not target.startswith("ft:") and len(configured) == 1:
-            # Any other base model of the only provider (it answers 404 for an unknown one,
-            # which is `model_not_found` too).
-            provider_name = next(iter(configured))
+        open_ended = configured - CLOSED_PROVIDERS
+        if provider_name is None and not target.startswith("ft:") and len(open_ended) == 1:
+            # Any other base model of the only provider whose models tunegate does not know
+            # in full (it answers 404 for an unknown one, which is `model_not_found` too).
+            provider_name = next(iter(open_ended))
     if provider_name is None:
         raise registry.model_not_found(model)
     model = target
