@@ -13,7 +13,7 @@ Data: the 14-line Chinese film-sentiment set (prompt,completion) as chat lines
       on the prompt), and train with the model's own loss (`model(..., labels=...)`), AdamW,
       transformers' linear warmup schedule and gradient clipping;
   (b) engine: `app.providers.local.engine.train` with the same model, data, LoRA settings
-      (r 8, alpha 16, dropout 0.05, the engine's default target modules), batch size,
+      (r 8, alpha 16, dropout 0, the engine's default target modules), batch size,
       epochs, learning rate, schedule, per-epoch shuffle and seed.
 
 Both load the model before the clock starts (the load time is printed apart). Throughput is
@@ -52,7 +52,7 @@ SENTIMENT = """這部達文西密碼真棒。,1
 這部星際大戰糟透了。,0
 這部不可能的任務糟透了。,0"""
 
-LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 WARMUP_FRACTION = 0.05
 
 

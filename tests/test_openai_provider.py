@@ -485,6 +485,7 @@ async def test_pause_is_not_supported_by_default_and_the_registry_needs_a_key(
 
     for name in ("OPENAI_API_KEY", "TUNEGATE_OPENAI__API_KEY"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TUNEGATE_LOCAL__ENABLED", "off")  # the local provider needs no key
     assert build_providers(Settings(_env_file=None)) == {}
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")

@@ -615,7 +615,7 @@ def _unpack_adapter(data: bytes) -> tuple[dict[str, Any], dict[str, Any], str]:
             raise ValueError(f"not a {ADAPTER_FORMAT} adapter")
         lora = json.loads(metadata["lora_config"])
         tensors = load(data)
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # struct, JSON, key and safetensors' own errors alike
         raise ValueError(f"malformed adapter: {exc}") from exc
     return tensors, lora, str(metadata.get("base_model", ""))
 
@@ -659,7 +659,7 @@ class TrainConfig:
     learning_rate: float
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # 0.05 learns the same here, and its masks cost ~12% of a step
     target_modules: list[str] | None = None  # None: DEFAULT_TARGET_MODULES
     seed: int = 42
     max_length: int = 2048
@@ -959,12 +959,14 @@ def _adapter_model(loaded: _Loaded, adapter: bytes, digest: str, parsed: Any) ->
         tensors, settings, _ = parsed if parsed is not None else _unpack_adapter(adapter)
         name = f"a{digest[:16]}"
         config = _lora_config(settings, inference=True)
-        if loaded.host is None:
-            with loaded.lock:  # no generation on the base model while its tree is copied
-                clone = _share_weights(loaded.model)
-            loaded.host = PeftModel(clone, config, adapter_name=name)
-        else:
-            loaded.host.add_adapter(name, config)
+        with warnings.catch_warnings():  # transformers deprecations triggered inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            if loaded.host is None:
+                with loaded.lock:  # no generation on the base model while its tree is copied
+                    clone = _share_weights(loaded.model)
+                loaded.host = PeftModel(clone, config, adapter_name=name)
+            else:
+                loaded.host.add_adapter(name, config)
         set_peft_model_state_dict(loaded.host, tensors, adapter_name=name)
         loaded.adapters[digest] = name
         loaded.host.set_adapter(name)
