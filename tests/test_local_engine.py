@@ -328,4 +328,15 @@ def test_train_adapter_round_trip_resume_and_stop(source: engine.BaseModelSource
     with loaded.lock, torch.inference_mode():
         base_logits = loaded.model(ids).logits
     assert float((tuned_logits - base_logits).abs().max()) > 1e-3
+
+    # At most ADAPTER_CACHE_SIZE adapters stay loaded, least recently used out first.
+    variants = [
+        engine._pack_adapter({k: v * (1 + i / 10) for k, v in tensors.items()}, lora, base_id)
+        for i in range(1, engine.ADAPTER_CACHE_SIZE + 1)
+    ]
+    for variant in variants:
+        run(engine.generate(source, variant, messages, temperature=0, max_tokens=1))
+    expected = [hashlib.sha256(v).hexdigest() for v in variants]
+    assert list(loaded.adapters) == expected and digest not in loaded.adapters
+    assert len(loaded.host.peft_config) == engine.ADAPTER_CACHE_SIZE
     assert base_fingerprint(source) == before

@@ -61,7 +61,7 @@ RESULT_PURPOSE = "fine-tune-results"
 # within the step under way.
 CHECK_SECONDS = 0.25
 # LoRA defaults (tunegate extensions of OpenAI's hyperparameters).
-LORA_DEFAULTS: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+LORA_DEFAULTS: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 # "auto" batch size: half the examples, at most this (padded batches cost little on a CPU and
 # fewer, larger steps learn the small sets people start with in the same number of epochs).
 MAX_AUTO_BATCH = 8
