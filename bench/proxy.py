@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import shutil
@@ -1086,6 +1087,10 @@ def main() -> int:
         parser.error("--rate, --seconds and --slice must be positive, --chunks at least 2")
 
     workdir = Path(tempfile.mkdtemp(prefix="tunegate-bench-proxy-"))
+    # The embedded server's library takes a lock file under it once more at exit, in an atexit
+    # handler registered after this one (so run before it: atexit is last in, first out).
+    remove_at_exit: list[Path] = []
+    atexit.register(lambda: [shutil.rmtree(path, ignore_errors=True) for path in remove_at_exit])
     failed = True
     try:
         status = run(args, workdir)
@@ -1113,6 +1118,7 @@ def main() -> int:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            remove_at_exit.append(workdir)
 
 
 if __name__ == "__main__":
