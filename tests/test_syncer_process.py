@@ -278,11 +278,20 @@ def test_a_flood_of_webhooks_for_one_job_causes_one_sync(
             )
             answers.append(answer.status_code)
 
-        senders = [threading.Thread(target=send, args=(i,)) for i in range(40)]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join()
+        # The first webhook starts a sync whose fetch the emulator holds; the other 39 arrive
+        # while it is under way. However the flood is spread in time, they may cause one more
+        # sync after it, not one each.
+        emulator.hold.arm("GET", f"/v1/fine_tuning/jobs/{provider_job}")
+        try:
+            send(0)
+            wait_for(emulator.hold.holding.is_set, 30, "the sync the webhook asked for")
+            senders = [threading.Thread(target=send, args=(i,)) for i in range(1, 40)]
+            for sender in senders:
+                sender.start()
+            for sender in senders:
+                sender.join()
+        finally:
+            emulator.hold.release()
         assert answers == [200] * 40
         time.sleep(3)
         assert 1 <= retrieves() <= 2, "one sync (and at most one more for webhooks mid-sync)"
