@@ -67,6 +67,10 @@ class AuthSettings(BaseModel):
     last_used_resolution: timedelta = timedelta(seconds=60)
     # Requests per minute per API key (0 = unlimited). Per process: divide by the replica count.
     rate_limit_per_minute: int = Field(default=0, ge=0)
+    # How long a checked key is trusted from memory (0 = ask the database on every request).
+    # Revocations reach every process at once through LISTEN/NOTIFY; this bounds the time a
+    # process that missed one (its listening connection just broke) could still accept a key.
+    key_cache_ttl: timedelta = timedelta(seconds=60)
 
 
 class ServerSettings(BaseModel):

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from app import __version__
 from app.auth import service as auth_service
+from app.auth.cache import KeyCache
 from app.auth.dependencies import RateLimiter
 from app.auth.endpoints import router as api_keys_router
 from app.config import Settings, get_settings
@@ -23,6 +24,7 @@ from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
 from app.inference.endpoints import router as inference_router
+from app.inference.proxy import HotPaths
 from app.inference.usage import UsageRecorder
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.provider_webhooks import router as provider_webhooks_router
@@ -81,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runner: WorkerRunner | None = None
     try:
         await _bootstrap(app)
+        await app.state.key_cache.start(app.state.database.plain_dsn())
         if app.state.run_workers:
             context = WorkerContext(settings, app.state.database, app.state.metrics_registry)
             runner = WorkerRunner(context, list(ROLES))
@@ -90,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if runner is not None:
             await runner.stop(settings.server.graceful_shutdown.total_seconds())
         await app.state.usage.close()
+        await app.state.key_cache.close()
         if owns_storage:
             await app.state.storage.close()
         if owns_providers:
@@ -131,6 +135,9 @@ def create_app(
         ["status"],
         registry=app.state.metrics_registry,
     )
+    app.state.key_cache = KeyCache(
+        settings.auth.key_cache_ttl.total_seconds(), app.state.metrics_registry
+    )
     app.state.rate_limiter = RateLimiter(settings.auth.rate_limit_per_minute)
     app.state.inference_limiter = RateLimiter(settings.inference.rate_limit_per_minute)
     app.state.usage = UsageRecorder(
@@ -139,6 +146,8 @@ def create_app(
     )
 
     install_error_handlers(app)
+    # Added first, so it runs inside RequestContextMiddleware (added last, outermost).
+    app.add_middleware(HotPaths)
     app.add_middleware(
         RequestContextMiddleware,
         body_limit=body_limit_by_path(settings.max_request_bytes, _upload_body_limits(settings)),

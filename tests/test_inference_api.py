@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.inference.proxy import HotPaths
 from app.kit.time import utcnow
 from app.models import FineTunedModel, Job, Scope
 from tests.test_auth import assert_envelope
@@ -198,3 +199,49 @@ async def test_aliases_name_a_projects_model_and_switch(
     assert "support-bot" not in {m["id"] for m in (await other.get("/v1/models")).json()["data"]}
     assert (await writer.delete("/v1/model_aliases/support-bot")).json()["deleted"] is True
     assert_envelope(await mine.get("/v1/model_aliases/support-bot"), 404, "alias_not_found")
+
+
+async def test_malformed_bodies_get_precise_errors(owner, client_for) -> None:
+    mine = client_for(owner.key)
+    headers = {"content-type": "application/json"}
+    bad_json = await mine.post(CHAT, content=b'{"model": "gpt-4o-mini", ', headers=headers)
+    assert "could not parse" in assert_envelope(bad_json, 400, "invalid_json")["message"]
+    latin1 = await mine.post(CHAT, content='{"model": "é"}'.encode("latin-1"), headers=headers)
+    assert_envelope(latin1, 400, "invalid_encoding")
+    text = await mine.post(
+        CHAT, content=b"model=gpt-4o-mini", headers={"content-type": "text/plain"}
+    )
+    assert_envelope(text, 415)
+    assert_envelope(await mine.post(CHAT, json=[ask("gpt-4o-mini")]), 422)
+    assert_envelope(await mine.post(CHAT, content=b"", headers=headers), 422)
+    options = await mine.post(CHAT, json=ask("gpt-4o-mini", stream_options="usage"))
+    assert assert_envelope(options, 422)["param"] == "stream_options"
+    bad_message = await mine.post(CHAT, json={"model": "gpt-4o-mini", "messages": ["hi"]})
+    assert assert_envelope(bad_message, 422)["param"] == "messages[0]"
+    # Other methods on the path are the router's: 405 with what is allowed.
+    refused = await mine.get(CHAT)
+    assert_envelope(refused, 405) and refused.headers["allow"] == "POST"
+    # Requests and their ids are logged and answered like any other.
+    assert refused.headers["x-request-id"].startswith("req_")
+    answered = await mine.post(CHAT, json=ask("gpt-nonexistent"), headers={"x-request-id": "r-1"})
+    assert answered.headers["x-request-id"] == "r-1"
+
+
+async def test_a_read_key_may_call_completions_and_a_bad_key_may_not(owner, client_for) -> None:
+    wrong = client_for("tg-abcdefghij-" + "x" * 40)
+    assert_envelope(await wrong.post(CHAT, json=ask("gpt-4o-mini")), 401, "invalid_api_key")
+    malformed = client_for("not a key")
+    assert_envelope(await malformed.post(TEXT, json={"model": "x", "prompt": "y"}), 401)
+
+
+async def test_the_documented_routes_answer_through_the_same_proxy(
+    owner, app_factory, client_for
+) -> None:
+    """Requests that reach FastAPI's router (not sent ahead by HotPaths) get the same answers."""
+    routed = app_factory()
+    routed.user_middleware = [m for m in routed.user_middleware if m.cls is not HotPaths]
+    mine = client_for(owner.key, target=routed)
+    assert_envelope(await mine.post(CHAT, json=ask("gpt-nonexistent")), 404, "model_not_found")
+    body = {"model": TUNED, "prompt": "2 + 2 ="}
+    assert_envelope(await mine.post(TEXT, json=body), 503, "provider_not_configured")
+    assert_envelope(await mine.post(TEXT, json={"model": TUNED}), 422)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.auth.cache import KeyCache
+from app.auth.keys import hash_key
 from app.auth.service import Principal, authenticate, key_from_authorization
-from app.config import Settings
 from app.db.engine import Database
 from app.kit.errors import PermissionDenied, RateLimited
 from app.models import Scope
@@ -48,30 +49,44 @@ class RateLimiter:
             self._windows = {k: v for k, v in self._windows.items() if v[0] == window}
 
 
+async def authenticate_request(state: Any, authorization: str | None) -> Principal:
+    """The caller of a request (the app's `state`, its Authorization header), counted
+    against the per-key rate limit. Keys checked recently come from the process's key cache."""
+    key = key_from_authorization(authorization)
+    key_hash = hash_key(key)
+    cache: KeyCache = state.key_cache
+    principal = cache.get(key_hash)
+    if principal is None:
+        generation = cache.generation
+        database: Database = state.database
+        # Its own short transaction: the request's unit of work starts only when the endpoint
+        # touches the database, so a long upload keeps no transaction open while bytes arrive.
+        async with database.sessionmaker() as session, session.begin():
+            principal = await authenticate(session, key, state.settings)
+        cache.put(key_hash, principal, generation)
+    state.rate_limiter.check(principal.key_id)
+    return principal
+
+
+def check_scope(principal: Principal, scope: Scope) -> None:
+    if not principal.scope.allows(scope):
+        raise PermissionDenied(
+            f"This API key has scope '{principal.scope.value}'; this request needs '{scope.value}'."
+        )
+
+
 async def current_principal(
     request: Request,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer_doc)] = None,
 ) -> Principal:
-    settings: Settings = request.app.state.settings
-    key = key_from_authorization(request.headers.get("authorization"))
-    database: Database = request.app.state.database
-    # Its own short transaction: the request's unit of work starts only when the endpoint
-    # touches the database, so a long upload keeps no transaction open while bytes arrive.
-    async with database.sessionmaker() as session, session.begin():
-        principal = await authenticate(session, key, settings)
-    request.app.state.rate_limiter.check(principal.key_id)
-    return principal
+    return await authenticate_request(request.app.state, request.headers.get("authorization"))
 
 
 def require(scope: Scope) -> object:
     async def dependency(
         principal: Annotated[Principal, Depends(current_principal)],
     ) -> Principal:
-        if not principal.scope.allows(scope):
-            raise PermissionDenied(
-                f"This API key has scope '{principal.scope.value}'; this request needs "
-                f"'{scope.value}'."
-            )
+        check_scope(principal, scope)
         return principal
 
     return Depends(dependency)

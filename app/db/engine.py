@@ -68,5 +68,9 @@ class Database:
     def __post_init__(self) -> None:
         self.sessionmaker = make_sessionmaker(self.engine)
 
+    def plain_dsn(self) -> str:
+        """The database's URL for a connection of one's own (asyncpg's, e.g. to LISTEN)."""
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -1,50 +1,39 @@
-"""`POST /v1/chat/completions` and `POST /v1/completions` (legacy prompt/completion models),
-OpenAI-compatible, streamed or not, for every model the caller's project may use. The request
-body passes through to the provider unchanged (every OpenAI parameter); the provider's answer
-comes back in OpenAI's shape.
+"""Inference endpoints: the completion routes (documented here, served by `proxy.py`), usage
+totals and model aliases.
 
-Streaming: `text/event-stream`, each chunk forwarded as it arrives (`data: {…}`), ending with
-`data: [DONE]`. An error before the first chunk is an ordinary error response; one after it is a
-`data: {"error": {…}}` event, then the stream ends. A client that goes away closes the
-upstream request at once (the provider's stream is closed when ours is).
+`POST /v1/chat/completions` and `POST /v1/completions` (legacy prompt/completion models) are
+OpenAI-compatible, streamed or not, for every model the caller's project may use; how they work
+is in `app/inference/proxy.py`. Requests reach the proxy before FastAPI's router (`HotPaths`);
+the routes below give the OpenAPI document their request bodies and security, and answer
+through the same proxy should a request come this way.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from app.auth.dependencies import ReadPrincipal, WritePrincipal
-from app.auth.service import Principal
 from app.db.session import SessionDep
 from app.inference import service
+from app.inference.proxy import CHAT, TEXT, CompletionProxy
 from app.inference.repository import AliasRepository, UsageRepository
-from app.inference.usage import UsageRecorder
-from app.kit.errors import BadGateway, Conflict, InvalidPayload, NotFound
-from app.kit.http import ERROR_RESPONSES, JSONRoute, request_id_of
-from app.kit.logging import get_logger
+from app.kit.errors import Conflict, InvalidPayload, NotFound
+from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import ListPage, PageParams, page_params, to_page
 from app.kit.time import to_unix, utcnow
 from app.models import ModelAlias
-from app.providers.base import Provider, ProviderError
 
 router = APIRouter(
     prefix="/v1", tags=["inference"], route_class=JSONRoute, responses=ERROR_RESPONSES
 )
 
-log = get_logger("tunegate.inference")
-
-DONE = b"data: [DONE]\n\n"
 MAX_UNIX = 253402300799  # 9999-12-31T23:59:59Z
-CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
 
 
 class ChatCompletionCreate(BaseModel):
@@ -74,19 +63,6 @@ class CompletionCreate(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class _Kind:
-    """What differs between the two completion endpoints."""
-
-    what: str  # for error messages
-    answer: Callable[[Provider], Callable[..., Awaitable[dict[str, Any]]]]
-    stream: Callable[[Provider], Callable[..., AsyncIterator[dict[str, Any]]]]
-
-
-_CHAT = _Kind("chat completion", lambda p: p.chat_completion, lambda p: p.stream_chat_completion)
-_TEXT = _Kind("completion", lambda p: p.completion, lambda p: p.stream_completion)
-
-
 class UsageTotals(BaseModel):
     key: str = Field(description="The model, or the day (YYYY-MM-DD, UTC).")
     requests: int
@@ -105,178 +81,49 @@ class UsageReport(BaseModel):
     totals: UsageTotals
 
 
-@router.post(
-    "/chat/completions",
-    response_model=dict[str, Any],
-    responses={200: {"content": {"text/event-stream": {}}}},
-)
+class _Delegate(Response):
+    """Hands the exchange to a `CompletionProxy`, replaying the body FastAPI has read."""
+
+    def __init__(self, proxy: CompletionProxy, body: bytes) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.request_body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # a disconnect, while a stream is being sent
+            replayed = True
+            return {"type": "http.request", "body": self.request_body, "more_body": False}
+
+        await self.proxy(scope, replay, send)
+
+
+_CHAT_PROXY = CompletionProxy(CHAT)
+_TEXT_PROXY = CompletionProxy(TEXT)
+_STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
+
+
+@router.post("/chat/completions", response_model=dict[str, Any], responses=_STREAMED)
 async def create_chat_completion(
     body: ChatCompletionCreate, request: Request, principal: ReadPrincipal
 ) -> Response:
     """A chat completion from a base model, a fine-tuned model of this project, one of its
     checkpoints, or an alias of one. `stream: true` answers server-sent events."""
-    return await _complete(_CHAT, body, request, principal)
+    return _Delegate(_CHAT_PROXY, await request.body())
 
 
-@router.post(
-    "/completions",
-    response_model=dict[str, Any],
-    responses={200: {"content": {"text/event-stream": {}}}},
-)
+@router.post("/completions", response_model=dict[str, Any], responses=_STREAMED)
 async def create_completion(
     body: CompletionCreate, request: Request, principal: ReadPrincipal
 ) -> Response:
     """A legacy completion (`prompt` in, `text` out) from a prompt/completion-style model
     (`babbage-002`, `davinci-002`, `gpt-3.5-turbo-instruct`, fine-tunes of them), or an alias
     of one. `stream: true` answers server-sent events."""
-    return await _complete(_TEXT, body, request, principal)
-
-
-async def _complete(
-    kind: _Kind,
-    body: ChatCompletionCreate | CompletionCreate,
-    request: Request,
-    principal: Principal,
-) -> Response:
-    state = request.app.state
-    state.inference_limiter.check(principal.key_id)
-    route = await service.resolve(
-        state.database.sessionmaker, state.providers or {}, principal.project_id, body.model
-    )
-    # An alias is asked of the provider (and recorded) as the model it names.
-    usage = _Usage(state.usage, principal, request_id_of(request), route.model, route.provider.name)
-    payload = body.model_dump(exclude_none=True) | {"model": route.model}
-    if isinstance(body, CompletionCreate) and body.prompt is None:
-        payload["prompt"] = None  # OpenAI's default document start; null passes through
-    timeout = state.settings.inference.timeout.total_seconds()
-    if body.stream:
-        chunks = kind.stream(route.provider)
-        return await _stream(chunks, kind, payload, body.model, timeout, usage)
-    try:
-        answer = await kind.answer(route.provider)(payload, wait_seconds=timeout)
-    except ProviderError as exc:
-        failure = service.upstream_error(exc, body.model, kind.what)
-        usage.done(failure.status_code, stream=False)
-        raise failure from None
-    usage.done(200, stream=False, reported=answer.get("usage"))
-    return Response(orjson.dumps(answer), media_type="application/json")
-
-
-class _Usage:
-    """The usage record of one request, handed to the recorder when the request ends."""
-
-    def __init__(
-        self,
-        recorder: UsageRecorder,
-        principal: Principal,
-        request_id: str,
-        model: str,
-        provider: str,
-    ) -> None:
-        self.recorder = recorder
-        self.fields = {
-            "project_id": principal.project_id,
-            "api_key_id": principal.key_id,
-            "request_id": request_id or None,
-            "model": model,
-            "provider": provider,
-        }
-        self.started = time.perf_counter()
-        self.created_at = utcnow()
-
-    def done(self, status: int, *, stream: bool, reported: Any = None) -> None:
-        tokens = reported if isinstance(reported, dict) else {}
-        self.recorder.record(
-            **self.fields,
-            stream=stream,
-            status=status,
-            prompt_tokens=_count(tokens.get("prompt_tokens")),
-            completion_tokens=_count(tokens.get("completion_tokens")),
-            latency_ms=int((time.perf_counter() - self.started) * 1000),
-            created_at=self.created_at,
-        )
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-async def _stream(
-    open_stream: Callable[..., AsyncIterator[dict[str, Any]]],
-    kind: _Kind,
-    payload: dict[str, Any],
-    model: str,
-    wait_seconds: float,
-    usage: _Usage,
-) -> Response:
-    # Usage is always asked of the provider (it is recorded); the caller gets the final usage
-    # chunk only when it asked for it.
-    options = payload.get("stream_options") or {}
-    wants_usage = options.get("include_usage") is True
-    payload = {**payload, "stream_options": {**options, "include_usage": True}}
-    chunks = open_stream(payload, wait_seconds=wait_seconds)
-    try:
-        first = await anext(chunks)  # errors before any chunk: a plain error response
-    except StopAsyncIteration:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        empty = BadGateway(f"The provider's stream for `{model}` ended before any chunk.")
-        usage.done(empty.status_code, stream=True)
-        raise empty from None
-    except ProviderError as exc:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        failure = service.upstream_error(exc, model, kind.what)
-        usage.done(failure.status_code, stream=True)
-        raise failure from None
-    return StreamingResponse(
-        _events(first, chunks, kind, model, usage, wants_usage),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
-
-
-async def _events(
-    first: dict[str, Any],
-    chunks: AsyncIterator[dict[str, Any]],
-    kind: _Kind,
-    model: str,
-    usage: _Usage,
-    wants_usage: bool,
-) -> AsyncIterator[bytes]:
-    status = CLIENT_CLOSED
-    reported: Any = None
-    try:
-        async for chunk in _prepend(first, chunks):
-            if chunk.get("usage"):
-                reported = chunk["usage"]
-                if not wants_usage and not chunk.get("choices"):
-                    continue  # the usage-only chunk the caller did not ask for
-            if not wants_usage:
-                chunk.pop("usage", None)
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        yield DONE
-        status = 200
-    except ProviderError as exc:
-        failure = service.upstream_error(exc, model, kind.what)
-        status = failure.status_code
-        yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
-    except Exception:  # a bug here must still end the stream with an error event
-        log.exception("completion stream failed", model=model, kind=kind.what)
-        failure = BadGateway("The stream failed inside tunegate; see its logs.")
-        status = failure.status_code
-        yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
-    finally:
-        # Also when the client went away (the response task is cancelled): the provider's
-        # stream, and its upstream connection, close now.
-        await chunks.aclose()  # type: ignore[attr-defined]
-        usage.done(status, stream=True, reported=reported)
-
-
-async def _prepend(
-    first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[dict[str, Any]]:
-    yield first
-    async for chunk in rest:
-        yield chunk
+    return _Delegate(_TEXT_PROXY, await request.body())
 
 
 @router.get("/usage", response_model=UsageReport)

@@ -293,7 +293,7 @@ def parse_json_body(body: bytes) -> Any:
         ) from None
 
 
-def _is_json_content_type(value: str | None) -> bool:
+def is_json_content_type(value: str | None) -> bool:
     if not value:
         return False
     message = EmailMessage()
@@ -324,7 +324,7 @@ class JSONRoute(APIRoute):
                 body = await request.body()
                 if body:
                     content_type = request.headers.get("content-type")
-                    if not _is_json_content_type(content_type):
+                    if not is_json_content_type(content_type):
                         raise UnsupportedMediaType(
                             f"Unsupported Content-Type {content_type or '(none)'!r}: "
                             "send the body as JSON with 'Content-Type: application/json'."

@@ -23,6 +23,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+from app.kit.upstream import UpstreamResponse
+
 __all__ = [
     "BaseModelInfo",
     "Provider",
@@ -266,6 +268,23 @@ class Provider(ABC):
         """Streamed legacy completion chunks, as `stream_chat_completion` streams chat ones."""
         raise ProviderNotSupported(f"The {self.name} provider does not serve /v1/completions.")
         yield {}  # an async generator, like the implementations
+
+    # Providers that speak OpenAI's HTTP API for completions take the inference proxy's fast
+    # path: the caller's request bytes go to `forward` as they are, the answer's bytes come
+    # back as they are. The others serve completions through the dict methods above.
+    forwards_raw: ClassVar[bool] = False
+
+    async def forward(
+        self, path: str, body: bytes, *, wait_seconds: float | None = None
+    ) -> UpstreamResponse:
+        """POST OpenAI-shaped request bytes to `path` ("/chat/completions", "/completions");
+        the answer once its head is in, whatever its status (`answer_error` reads a failed
+        one). Raises `ProviderError` when there is no answer."""
+        raise ProviderNotSupported(f"The {self.name} provider does not forward requests.")
+
+    def answer_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> ProviderError:
+        """The `ProviderError` a forwarded request's non-2xx answer stands for."""
+        return ProviderServerError(f"The {self.name} provider answered HTTP {status}.")
 
     @abstractmethod
     async def list_base_models(self) -> list[BaseModelInfo]: ...

@@ -14,9 +14,11 @@ Choices worth knowing:
 - `create_job` sends `Idempotency-Key` as a header: this SDK client sets no idempotency header,
   so its `idempotency_key` request option would be dropped before reaching the wire. The real
   protection against duplicate jobs is the metadata tag looked up by `find_job_by_metadata`.
-- Chat completions go through `client.post("/chat/completions", cast_to=object)`, so every
-  parameter (including ones this SDK version does not know) reaches OpenAI unchanged and the
-  answer comes back as OpenAI's JSON.
+- Completions asked through tunegate's inference proxy do not use the SDK at all: `forward`
+  sends the caller's request bytes as they are over `app.kit.upstream`'s lean keep-alive
+  client (httpx2 when a proxy is configured) and the proxy passes OpenAI's bytes back, so
+  every parameter reaches OpenAI unchanged at a fraction of the SDK's CPU per request. The
+  dict methods (`chat_completion` ...) go through `client.post(..., cast_to=object)`.
 - Files up to 512 MB are one multipart request streamed from the open file; larger ones use
   the Uploads API in 64 MB parts (OpenAI's limits).
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +36,18 @@ from types import TracebackType
 from typing import Any, ClassVar, Protocol, cast
 
 import openai
+import orjson
 from openai import AsyncOpenAI, AsyncStream, omit
 
+from app import __version__
+from app.kit.upstream import (
+    Forwarder,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    forwarder_for,
+)
 from app.providers.base import (
     BaseModelInfo,
     Provider,
@@ -55,7 +67,7 @@ from app.providers.base import (
 )
 from app.validation.catalog import known_models
 
-__all__ = ["OPENAI_BASE_MODELS", "OpenAIProvider", "translate_error"]
+__all__ = ["OPENAI_BASE_MODELS", "OpenAIProvider", "status_error", "translate_error"]
 
 # Largest file in one POST /v1/files; above it OpenAI wants the Uploads API (up to 8 GB).
 DIRECT_UPLOAD_MAX_BYTES = 512 * 1024 * 1024
@@ -109,15 +121,9 @@ def translate_error(exc: openai.OpenAIError, *, secrets: Iterable[str] = ()) -> 
     if isinstance(exc, openai.APIConnectionError):
         return ProviderConnectionError(f"Could not reach OpenAI: {exc.message}")
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        message = _redact(_upstream_message(exc.body, f"OpenAI answered HTTP {status}."), hidden)
-        details: dict[str, Any] = {
-            "status": status,
-            "code": exc.code,
-            "param": exc.param,
-            "retry_after": retry_after_seconds(exc.response.headers),
-        }
-        return _STATUS_ERRORS.get(status, _status_fallback(status))(message, **details)
+        return status_error(
+            exc.status_code, exc.body, exc.response.headers, hidden, code=exc.code, param=exc.param
+        )
     if isinstance(exc, openai.APIError):
         # No HTTP status: an error event in the middle of a stream, or an answer that did not
         # parse. Both are the provider's trouble.
@@ -136,6 +142,31 @@ _STATUS_ERRORS: dict[int, type[ProviderError]] = {
     422: ProviderBadRequest,
     429: ProviderRateLimited,
 }
+
+
+def status_error(
+    status: int,
+    body: object,
+    headers: Mapping[str, str],
+    secrets: list[str],
+    *,
+    code: str | None = None,
+    param: str | None = None,
+) -> ProviderError:
+    """The `ProviderError` for an HTTP answer of `status` whose JSON body (OpenAI's error
+    envelope, or its inner object) is `body`; `code`/`param` default to the body's own."""
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(inner, dict):
+        code = code if code is not None else _optional_str(inner.get("code"))
+        param = param if param is not None else _optional_str(inner.get("param"))
+    message = _redact(_upstream_message(body, f"OpenAI answered HTTP {status}."), secrets)
+    return _STATUS_ERRORS.get(status, _status_fallback(status))(
+        message,
+        status=status,
+        code=code,
+        param=param,
+        retry_after=retry_after_seconds(headers),
+    )
 
 
 def _status_fallback(status: int) -> type[ProviderError]:
@@ -206,12 +237,46 @@ class OpenAIProvider(Provider):
             timeout=timeout,
             max_retries=max_retries,
         )
+        headers = {"authorization": f"Bearer {api_key}", "user-agent": f"tunegate/{__version__}"}
+        if organization:
+            headers["openai-organization"] = organization
+        if project:
+            headers["openai-project"] = project
+        self._forwarder: Forwarder = forwarder_for(str(self._client.base_url), headers)
 
     def _translated(self) -> _Translated:
         return _Translated(self._api_key)
 
     async def aclose(self) -> None:
         await self._client.close()
+        await self._forwarder.aclose()
+
+    # Completions through the inference proxy
+
+    forwards_raw: ClassVar[bool] = True
+
+    async def forward(
+        self, path: str, body: bytes, *, wait_seconds: float | None = None
+    ) -> UpstreamResponse:
+        try:
+            return await self._forwarder.send(path, body, wait_seconds=wait_seconds)
+        except UpstreamTimeout:
+            raise ProviderTimeout("The request to OpenAI timed out.") from None
+        except UpstreamConnectError as exc:
+            raise ProviderConnectionError(
+                f"Could not reach OpenAI: {_redact(str(exc), [self._api_key])}"
+            ) from None
+        except UpstreamError as exc:
+            raise ProviderConnectionError(
+                f"The connection to OpenAI broke: {_redact(str(exc), [self._api_key])}"
+            ) from None
+
+    def answer_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> ProviderError:
+        try:
+            parsed: object = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        return status_error(status, parsed, headers, [self._api_key])
 
     # Files
 

@@ -375,9 +375,8 @@ class Dispatcher:
 
     async def _listen(self) -> Any:
         """A connection of our own LISTENing for new events; None (polling only) on failure."""
-        url = self.worker.database.engine.url.set(drivername="postgresql")
         try:
-            connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+            connection = await asyncpg.connect(self.worker.database.plain_dsn())
             await connection.add_listener(NOTIFY_CHANNEL, self._notified)
         except Exception as exc:
             log.warning("webhook dispatcher polls only: LISTEN failed", error=type(exc).__name__)

@@ -1,0 +1,535 @@
+"""The completion proxy: `POST /v1/chat/completions` and `POST /v1/completions` as plain ASGI.
+
+These two paths carry every inference request, so they skip FastAPI's routing, dependency
+injection and body models (together about 0.8 ms of CPU per request on this machine, more than
+everything else tunegate does for a completion): `HotPaths` sends them straight here from
+inside `RequestContextMiddleware` (request ids, body limits, metrics and the access log still
+apply), and the FastAPI routes in `endpoints.py` document them and serve them through the same
+`CompletionProxy` when reached another way.
+
+A request is authenticated (`authenticate_request`: the key cache, then the database), checked
+(a JSON object with OpenAI's required fields of the right types; the rest passes through),
+counted against the per-key completion rate limit and resolved to a provider. Then:
+
+- providers that speak OpenAI's HTTP API (`Provider.forwards_raw`) get the caller's bytes as
+  they are (re-encoded only to name an alias's model or to ask a stream for usage), and the
+  caller gets the provider's bytes as they are: a plain answer is checked to be a JSON object
+  and its usage read; a stream is cut into server-sent events, each event checked and
+  forwarded as soon as it is complete;
+- other providers (the local one) answer through their dict methods.
+
+Streams: `text/event-stream`, ending with `data: [DONE]`. An error before the first chunk is an
+ordinary error response; after it, a `data: {"error": {...}}` event ends the stream. Usage is
+always asked of the provider (it is recorded); the caller sees the usage chunk only when it
+asked. A client that disconnects cancels the forwarding at once, which closes the upstream
+request (its connection is dropped, not returned to the pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth.dependencies import authenticate_request, check_scope
+from app.auth.service import Principal
+from app.inference import service
+from app.inference.usage import UsageRecorder
+from app.kit.errors import APIError, BadGateway, InvalidPayload, UnsupportedMediaType
+from app.kit.http import is_json_content_type, parse_json_body
+from app.kit.logging import get_logger
+from app.kit.time import utcnow
+from app.kit.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
+from app.models import Scope as KeyScope
+from app.providers.base import (
+    Provider,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderServerError,
+    ProviderTimeout,
+)
+
+__all__ = ["CHAT", "TEXT", "CompletionProxy", "HotPaths"]
+
+log = get_logger("tunegate.inference")
+
+DONE: Final = b"data: [DONE]\n\n"
+CLIENT_CLOSED: Final = 499  # the client went away mid-stream (nginx's convention)
+# The largest non-streamed answer accepted from a provider.
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
+MAX_MESSAGES: Final = 100_000
+_TOKEN_ID_MAX: Final = 2**31 - 1
+_SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_JSON_HEADERS: Final = [(b"content-type", b"application/json")]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the two completion endpoints."""
+
+    path: str  # as OpenAI names it, under /v1
+    what: str  # for error messages
+    check: Callable[[dict[str, Any]], None]
+    answer: Callable[[Provider], Callable[..., Awaitable[dict[str, Any]]]]
+    stream: Callable[[Provider], Callable[..., AsyncIterator[dict[str, Any]]]]
+
+
+def _check_chat(body: dict[str, Any]) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise _invalid("messages", "Field required" if messages is None else "must be an array")
+    if not messages:
+        raise _invalid("messages", "must have at least 1 item")
+    if len(messages) > MAX_MESSAGES:
+        raise _invalid("messages", f"must have at most {MAX_MESSAGES} items")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _invalid(f"messages[{i}]", "must be an object")
+
+
+def _check_prompt(body: dict[str, Any]) -> None:
+    if "prompt" not in body:
+        raise _invalid("prompt", "Field required")
+    prompt = body["prompt"]
+    if prompt is None or isinstance(prompt, str):
+        return
+    if isinstance(prompt, list):
+        if all(isinstance(p, str) for p in prompt) or all(_is_token(p) for p in prompt):
+            return
+        if all(isinstance(p, list) and all(_is_token(t) for t in p) for p in prompt):
+            return
+    raise _invalid("prompt", "must be a string, an array of strings, of tokens or of token arrays")
+
+
+def _is_token(value: object) -> bool:
+    return type(value) is int and 0 <= value <= _TOKEN_ID_MAX
+
+
+CHAT: Final = Kind(
+    "/chat/completions",
+    "chat completion",
+    _check_chat,
+    lambda p: p.chat_completion,
+    lambda p: p.stream_chat_completion,
+)
+TEXT: Final = Kind(
+    "/completions",
+    "completion",
+    _check_prompt,
+    lambda p: p.completion,
+    lambda p: p.stream_completion,
+)
+
+
+def _invalid(param: str, reason: str) -> InvalidPayload:
+    return InvalidPayload(f"Invalid value for '{param}': {reason}.", param=param)
+
+
+def _checked_body(kind: Kind, raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """The request body as a dict with OpenAI's required fields right, or a 4xx."""
+    if not raw:
+        raise InvalidPayload("The request body is missing or is not a JSON object.")
+    if not is_json_content_type(content_type):
+        raise UnsupportedMediaType(
+            f"Unsupported Content-Type {content_type or '(none)'!r}: "
+            "send the body as JSON with 'Content-Type: application/json'."
+        )
+    body = parse_json_body(raw)
+    if not isinstance(body, dict):
+        raise InvalidPayload("The request body is missing or is not a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not 1 <= len(model) <= 256:
+        raise _invalid("model", "Field required" if model is None else "must be a model id")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("stream", "must be a boolean")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _invalid("stream_options", "must be an object")
+    kind.check(body)
+    return body
+
+
+class _Usage:
+    """The usage record of one request, handed to the recorder when the request ends."""
+
+    __slots__ = ("created_at", "fields", "recorder", "started")
+
+    def __init__(
+        self,
+        recorder: UsageRecorder,
+        principal: Principal,
+        request_id: str,
+        model: str,
+        provider: str,
+    ) -> None:
+        self.recorder = recorder
+        self.fields = {
+            "project_id": principal.project_id,
+            "api_key_id": principal.key_id,
+            "request_id": request_id or None,
+            "model": model,
+            "provider": provider,
+        }
+        self.started = time.perf_counter()
+        self.created_at = utcnow()
+
+    def done(self, status: int, *, stream: bool, reported: Any = None) -> None:
+        tokens = reported if isinstance(reported, dict) else {}
+        self.recorder.record(
+            **self.fields,
+            stream=stream,
+            status=status,
+            prompt_tokens=_count(tokens.get("prompt_tokens")),
+            completion_tokens=_count(tokens.get("completion_tokens")),
+            latency_ms=int((time.perf_counter() - self.started) * 1000),
+            created_at=self.created_at,
+        )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nobody is waiting for an answer
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
+
+
+async def _send_json(send: Send, status: int, body: bytes, extra: Any = ()) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(body)), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await _send_json(send, error.status_code, orjson.dumps(error.body()), extra)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class _RouteName:
+    """What `RequestContextMiddleware` labels metrics and logs with (`scope["route"].path`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class CompletionProxy:
+    """The ASGI app of one completion endpoint (`kind`)."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+        self.route = _RouteName("/v1" + kind.path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.route
+        state = scope["app"].state
+        try:
+            principal = await authenticate_request(state, _header(scope, b"authorization"))
+            check_scope(principal, KeyScope.read)
+            raw = await _read_body(receive)
+            body = _checked_body(self.kind, raw, _header(scope, b"content-type"))
+            state.inference_limiter.check(principal.key_id)
+            route = await service.resolve(
+                state.database.sessionmaker,
+                state.providers or {},
+                principal.project_id,
+                body["model"],
+            )
+        except APIError as exc:
+            await _send_error(send, exc)
+            return
+        request_id = str(scope.get("state", {}).get("request_id", ""))
+        usage = _Usage(state.usage, principal, request_id, route.model, route.provider.name)
+        exchange = _Exchange(self.kind, route.provider, body, route.model, usage, state)
+        try:
+            if route.provider.forwards_raw:
+                await exchange.forward(raw, receive, send)
+            else:
+                await exchange.call(receive, send)
+        except APIError as exc:  # before anything was sent
+            await _send_error(send, exc)
+
+
+class _Exchange:
+    """One completion request on its way to its provider and back."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        provider: Provider,
+        body: dict[str, Any],
+        model: str,
+        usage: _Usage,
+        state: Any,
+    ) -> None:
+        self.kind = kind
+        self.provider = provider
+        self.body = body
+        self.asked_model = str(body["model"])
+        self.model = model  # an alias's target, asked of the provider and recorded
+        self.usage = usage
+        self.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        self.wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self.timeout: float = state.settings.inference.timeout.total_seconds()
+        self.reported: Any = None  # the usage the provider reported
+
+    def _refuse(self, exc: ProviderError) -> NoReturn:
+        """Record and raise the error answer for a failure before the first chunk."""
+        failure = service.upstream_error(exc, self.asked_model, self.kind.what)
+        self.usage.done(failure.status_code, stream=self.stream)
+        raise failure
+
+    # -- providers that take the caller's bytes ------------------------------------------
+
+    async def forward(self, raw: bytes, receive: Receive, send: Send) -> None:
+        body = self.body
+        if self.stream and not self.wants_usage:
+            options = body.get("stream_options") or {}
+            body = {**body, "stream_options": {**options, "include_usage": True}}
+        if self.model != self.asked_model:
+            body = {**body, "model": self.model}
+        if body is not self.body:
+            raw = orjson.dumps(body)
+        try:
+            answer = await self.provider.forward(self.kind.path, raw, wait_seconds=self.timeout)
+        except ProviderError as exc:
+            self._refuse(exc)
+        if answer.status != 200 or not self.stream:
+            try:
+                data = await answer.read(MAX_ANSWER_BYTES)
+            except UpstreamError as exc:
+                self._refuse(_broken(exc))
+            if answer.status != 200:
+                self._refuse(self.provider.answer_error(answer.status, data, answer.headers))
+            parsed = _json_object(data)
+            if parsed is None:
+                self._refuse(ProviderServerError("The provider's answer did not parse."))
+            self.usage.done(200, stream=False, reported=parsed.get("usage"))
+            await _send_json(send, 200, data)
+            return
+        await self._relay(_raw_chunks(answer), receive, send, answer.aclose)
+
+    # -- providers with dict methods (the local one) ---------------------------------------
+
+    async def call(self, receive: Receive, send: Send) -> None:
+        payload = {key: value for key, value in self.body.items() if value is not None}
+        payload["model"] = self.model
+        if self.kind is TEXT and "prompt" in self.body and self.body["prompt"] is None:
+            payload["prompt"] = None  # OpenAI's document start; null passes through
+        if not self.stream:
+            try:
+                answer = await self.kind.answer(self.provider)(payload, wait_seconds=self.timeout)
+            except ProviderError as exc:
+                self._refuse(exc)
+            self.usage.done(200, stream=False, reported=answer.get("usage"))
+            await _send_json(send, 200, orjson.dumps(answer))
+            return
+        options = payload.get("stream_options") or {}
+        payload["stream_options"] = {**options, "include_usage": True}
+        chunks = self.kind.stream(self.provider)(payload, wait_seconds=self.timeout)
+        close = chunks.aclose  # type: ignore[attr-defined]
+        await self._relay(_dict_chunks(chunks), receive, send, close)
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def _relay(
+        self,
+        chunks: AsyncIterator[tuple[dict[str, Any], bytes | None]],
+        receive: Receive,
+        send: Send,
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Send the stream's events as they come. An error before the first one is a plain
+        error answer (raised); a client that leaves cancels the relay, which closes the
+        provider's stream."""
+        events = self._events(chunks)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            await close()
+            self._refuse(ProviderServerError("The provider's stream ended before any chunk."))
+        except ProviderError as exc:
+            await close()
+            self._refuse(exc)
+        except BaseException:
+            await close()
+            raise
+        relay = asyncio.ensure_future(self._send_events(first, events, send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            relay.cancel()  # nothing when it has finished; else the client left
+            try:
+                await relay
+            except asyncio.CancelledError:
+                if not relay.cancelled():
+                    raise
+            finally:
+                await close()
+
+    async def _events(
+        self, chunks: AsyncIterator[tuple[dict[str, Any], bytes | None]]
+    ) -> AsyncIterator[bytes]:
+        """The events to send: each chunk as the provider encoded it, unless the usage the
+        caller did not ask for must come out of it (then re-encoded, or left out)."""
+        async for chunk, raw in chunks:
+            usage = chunk.get("usage")
+            if usage:
+                self.reported = usage
+                if not self.wants_usage and not chunk.get("choices"):
+                    continue  # the usage-only chunk the caller did not ask for
+            if not self.wants_usage and "usage" in chunk:
+                del chunk["usage"]
+                raw = None
+            yield b"data: " + (raw if raw is not None else orjson.dumps(chunk)) + b"\n\n"
+
+    async def _send_events(self, first: bytes, events: AsyncIterator[bytes], send: Send) -> None:
+        status = CLIENT_CLOSED
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            status = 200
+            await send({"type": "http.response.body", "body": DONE, "more_body": False})
+        except ProviderError as exc:
+            failure = service.upstream_error(exc, self.asked_model, self.kind.what)
+            status = failure.status_code
+            await _end_with_error(send, failure)
+        except (asyncio.CancelledError, OSError):
+            raise  # the client went away
+        except Exception:  # a bug here must still end the stream with an error event
+            log.exception("completion stream failed", model=self.model, kind=self.kind.what)
+            failure = BadGateway("The stream failed inside tunegate; see its logs.")
+            status = failure.status_code
+            await _end_with_error(send, failure)
+        finally:
+            self.usage.done(status, stream=True, reported=self.reported)
+
+
+async def _end_with_error(send: Send, failure: APIError) -> None:
+    event = b"data: " + orjson.dumps(failure.body()) + b"\n\n"
+    await send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _broken(exc: UpstreamError) -> ProviderError:
+    if isinstance(exc, UpstreamTimeout):
+        return ProviderTimeout("The provider sent nothing more in time.")
+    return ProviderConnectionError(str(exc))
+
+
+async def _sse_data(answer: UpstreamResponse) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event of an answer, up to `[DONE]` or its end."""
+    buffer = b""
+    async for piece in answer:
+        buffer += piece
+        if b"\r" in piece:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while (end := buffer.find(b"\n\n")) >= 0:
+            block, buffer = buffer[:end], buffer[end + 2 :]
+            if block.startswith(b"data: ") and b"\n" not in block:
+                data = block[6:]  # the usual event: one data line
+            else:
+                lines = [line[5:] for line in block.split(b"\n") if line.startswith(b"data:")]
+                if not lines:
+                    continue  # a comment, or an event without data
+                data = b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+            if data == b"[DONE]":
+                return
+            yield data
+
+
+async def _raw_chunks(answer: UpstreamResponse) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
+    """Each event of a forwarded stream, checked to be a chunk: (parsed, as sent)."""
+    try:
+        async for data in _sse_data(answer):
+            chunk = _json_object(data)
+            if chunk is None:
+                raise ProviderServerError("A chunk of the provider's stream did not parse.")
+            error = chunk.get("error")
+            if error is not None and "choices" not in chunk:
+                raise _stream_error(error)
+            yield chunk, data
+    except UpstreamError as exc:
+        raise _broken(exc) from None
+
+
+def _stream_error(error: Any) -> ProviderError:
+    """An error event in the middle of a provider's stream: the provider's trouble."""
+    details = error if isinstance(error, dict) else {}
+    message = details.get("message")
+    code, param = details.get("code"), details.get("param")
+    return ProviderServerError(
+        message if isinstance(message, str) and message else "The provider's stream failed.",
+        code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
+    )
+
+
+async def _dict_chunks(
+    chunks: AsyncIterator[dict[str, Any]],
+) -> AsyncIterator[tuple[dict[str, Any], bytes | None]]:
+    async for chunk in chunks:
+        yield chunk, None
+
+
+class HotPaths:
+    """Sends `POST` to the completion paths straight to their `CompletionProxy`, past the
+    router; everything else goes on to `app`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.routes = {"/v1/chat/completions": CompletionProxy(CHAT)}
+        self.routes["/v1/completions"] = CompletionProxy(TEXT)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            proxy = self.routes.get(scope["path"])
+            if proxy is not None:
+                await proxy(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
