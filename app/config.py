@@ -232,6 +232,19 @@ class InferenceSettings(BaseModel):
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
 
+class EvalsSettings(BaseModel):
+    # How long an evaluator owns a claimed eval without renewing it (it renews while it works).
+    lease: timedelta = timedelta(seconds=60)
+    # How often an idle evaluator looks for queued evals.
+    poll_interval: timedelta = timedelta(seconds=1)
+    # Completions in flight per eval: more finishes sooner on a remote provider and weighs on
+    # its rate limits (a local model answers one at a time whatever this says).
+    concurrency: int = Field(default=4, ge=1, le=64)
+    # Answers are written (with the progress, a renewed lease and the cancel check) this often;
+    # shorter loses fewer answers when an evaluator dies, and costs more writes.
+    write_interval: timedelta = timedelta(seconds=1)
+
+
 class LocalSettings(BaseModel):
     # The `local` provider (LoRA on this machine's CPU/GPU). "auto": on when torch,
     # transformers and peft are installed (`pip install -e ".[local]"`, which `make` does).
@@ -296,6 +309,7 @@ class Settings(BaseSettings):
     jobs: JobsSettings = JobsSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
     inference: InferenceSettings = InferenceSettings()
+    evals: EvalsSettings = EvalsSettings()
     local: LocalSettings = LocalSettings()
 
     # Read from the names the openai SDK itself uses.

@@ -20,6 +20,7 @@ from app.config import Settings, get_settings
 from app.db.embedded import stop_embedded_postgres
 from app.db.engine import Database, create_engine, resolve_database_url
 from app.db.migrate import is_at_head
+from app.evals.endpoints import router as evals_router
 from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
@@ -163,6 +164,7 @@ def create_app(
     app.include_router(provider_webhooks_router)
     app.include_router(models_router)
     app.include_router(inference_router)
+    app.include_router(evals_router)
     app.include_router(webhook_endpoints_router)
     app.include_router(webhook_deliveries_router)
     document_webhooks(app)

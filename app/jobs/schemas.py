@@ -65,6 +65,12 @@ class JobCreate(BaseModel):
         max_length=32,
         description="tunegate: a configured provider (`openai`, `local`); default: the model's.",
     )
+    evaluate: bool = Field(
+        default=False,
+        description="tunegate: when the job succeeds, evaluate the fine-tuned model against its "
+        "base model on the validation file (an eval, linked as `eval_id`; needs "
+        "`validation_file`).",
+    )
 
     @field_validator("suffix")
     @classmethod
@@ -128,6 +134,12 @@ class JobObject(BaseModel):
     provider: str = Field(description="tunegate: which provider runs the job.")
     provider_job_id: str | None = Field(description="tunegate: the job's id at the provider.")
     estimated_cost: float | None = Field(description="tunegate: estimated cost in USD.")
+    evaluate: bool = Field(
+        default=False, description="tunegate: evaluated against its base model when it succeeds."
+    )
+    eval_id: str | None = Field(
+        default=None, description="tunegate: the eval made when it succeeded (`evaluate`)."
+    )
 
     @classmethod
     def of(cls, row: Job) -> JobObject:
@@ -152,6 +164,8 @@ class JobObject(BaseModel):
             provider=row.provider,
             provider_job_id=row.provider_job_id,
             estimated_cost=row.estimated_cost_usd,
+            evaluate=bool(row.evaluate),
+            eval_id=row.eval_id,
         )
 
 

@@ -152,6 +152,11 @@ async def create_job(
             param="metadata",
         )
 
+    if body.evaluate and body.validation_file is None:
+        raise InvalidPayload(
+            "evaluate needs a validation_file: the fine-tuned model is evaluated on it.",
+            param="evaluate",
+        )
     await _check_file(context, project_id, body.training_file, "training_file")
     if body.validation_file is not None:
         await _check_file(context, project_id, body.validation_file, "validation_file")
@@ -191,6 +196,7 @@ async def create_job(
         status="validating_files",
         result_files=[],
         estimated_cost_usd=estimated_cost,
+        evaluate=body.evaluate,
         submit_attempts=0,
         next_attempt_at=now,
         created_at=now,

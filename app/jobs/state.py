@@ -9,11 +9,12 @@ webhooks it causes (`fine_tuning.job.status_changed`, then `.succeeded` / `.fail
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.evals import service as evals
 from app.jobs.schemas import JobObject
 from app.kit.ids import new_id
 from app.kit.time import utcnow
@@ -84,6 +85,17 @@ async def transition(
         data={"status": target, "previous_status": previous},
         at=moment,
     )
+    if target == "succeeded":
+        queued = await evals.queue_job_eval(session, job)
+        if queued is not None:
+            add_event(
+                session,
+                job,
+                f"Evaluation {queued.id} queued: {job.model} against {job.fine_tuned_model} on "
+                f"the validation file {job.validation_file}.",
+                data={"eval_id": queued.id},
+                at=moment + timedelta(microseconds=1),
+            )
     await session.flush()
     await announce(session, job, "fine_tuning.job.status_changed")
     if target in TERMINAL:

@@ -5,6 +5,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -84,6 +85,11 @@ class Job(CreatedAtMixin, Base):
         DateTime(timezone=True), nullable=True
     )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # tunegate's automatic evaluation: asked at creation, the eval made when the job succeeded.
+    evaluate: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default="false"
+    )
+    eval_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # Submission (the submitter worker): attempts, backoff and the lease of the worker on it.
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     submit_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

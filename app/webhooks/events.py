@@ -33,6 +33,8 @@ EVENT_TYPES: dict[str, str] = {
     "fine_tuning.job.cancelled": "A job was cancelled (`data`: the job).",
     "fine_tuning.job.checkpoint.created": "A job saved a checkpoint (`data`: the checkpoint).",
     "model.deleted": "A fine-tuned model was deleted (`data`: the deletion status).",
+    "eval.completed": "An eval finished; its results are in (`data`: the eval).",
+    "eval.failed": "An eval could not run to its end (`data`: the eval, with `error`).",
     "webhook_endpoint.disabled": (
         "An endpoint was disabled after failing continuously or answering 410 Gone "
         "(`data`: the endpoint)."

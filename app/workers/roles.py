@@ -3,6 +3,7 @@
 Both `tunegate serve` (through app.main) and `tunegate worker` import this module.
 """
 
+from app.evals import tasks as evals_tasks
 from app.files import tasks as files_tasks
 from app.jobs import syncer as jobs_syncer
 from app.jobs import tasks as jobs_tasks
@@ -11,6 +12,7 @@ from app.validation import tasks as validation_tasks
 from app.webhooks import dispatcher as webhooks_dispatcher
 
 __all__ = [
+    "evals_tasks",
     "files_tasks",
     "jobs_syncer",
     "jobs_tasks",

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, or_, select, update
+
+from app.db.repository import ProjectScopedRepository, Repository
+from app.models import Eval, EvalExample, EvalResult
+
+
+class EvalRepository(ProjectScopedRepository[Eval]):
+    model = Eval
+
+    async def examples_page(
+        self, eval_id: str, after: int | None, limit: int
+    ) -> tuple[Sequence[EvalExample], bool]:
+        """Examples of the eval in index order after `after`; (rows, has_more)."""
+        statement = (
+            select(EvalExample)
+            .where(EvalExample.eval_id == eval_id, EvalExample.project_id == self.project_id)
+            .order_by(EvalExample.example)
+            .limit(limit + 1)
+        )
+        if after is not None:
+            statement = statement.where(EvalExample.example > after)
+        rows = (await self.session.scalars(statement)).all()
+        return rows[:limit], len(rows) > limit
+
+    async def results_for(self, eval_id: str, examples: Sequence[int]) -> Sequence[EvalResult]:
+        if not examples:
+            return []
+        return (
+            await self.session.scalars(
+                select(EvalResult).where(
+                    EvalResult.eval_id == eval_id,
+                    EvalResult.project_id == self.project_id,
+                    EvalResult.example.in_(examples),
+                )
+            )
+        ).all()
+
+
+class EvalQueue(Repository[Eval]):
+    """The evaluator worker's view: every project's queued evals (no project filter - the
+    worker acts for whichever project owns the claimed eval, and writes only its rows)."""
+
+    model = Eval
+
+    async def claim(self, now: datetime, lease_until: datetime) -> Eval | None:
+        claimed: Eval | None = await self.session.scalar(
+            select(Eval)
+            .where(
+                or_(
+                    Eval.status == "queued",
+                    (Eval.status == "running") & (Eval.lease_until < now),
+                )
+            )
+            .order_by(Eval.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if claimed is not None:
+            claimed.status = "running"
+            claimed.lease_until = lease_until
+            claimed.attempts += 1
+            claimed.started_at = claimed.started_at or now
+            await self.session.flush()
+        return claimed
+
+    async def update_if_leased(
+        self, eval_id: str, held_lease: datetime, /, **values: Any
+    ) -> Eval | None:
+        """Write only while we still hold the lease we claimed; None if someone took over."""
+        row: Eval | None = await self.session.scalar(
+            update(Eval)
+            .where(Eval.id == eval_id, Eval.status == "running", Eval.lease_until == held_lease)
+            .values(**values)
+            .returning(Eval)
+        )
+        return row
+
+    async def get_leased(self, eval_id: str, held_lease: datetime) -> Eval | None:
+        """The eval, locked, only while the lease we took is still ours."""
+        found: Eval | None = await self.session.scalar(
+            select(Eval)
+            .where(Eval.id == eval_id, Eval.status == "running", Eval.lease_until == held_lease)
+            .with_for_update()
+        )
+        return found
+
+    async def add_examples(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(insert(EvalExample), rows)
+
+    async def add_results(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(insert(EvalResult), rows)
+
+    async def examples(self, eval_id: str) -> Sequence[EvalExample]:
+        return (
+            await self.session.scalars(
+                select(EvalExample)
+                .where(EvalExample.eval_id == eval_id)
+                .order_by(EvalExample.example)
+            )
+        ).all()
+
+    async def results(self, eval_id: str) -> Sequence[EvalResult]:
+        return (
+            await self.session.scalars(select(EvalResult).where(EvalResult.eval_id == eval_id))
+        ).all()
+
+    async def set_judge(self, eval_id: str, verdicts: dict[int, dict[str, Any]]) -> None:
+        for example, verdict in verdicts.items():
+            await self.session.execute(
+                update(EvalExample)
+                .where(EvalExample.eval_id == eval_id, EvalExample.example == example)
+                .values(judge=verdict)
+            )

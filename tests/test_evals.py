@@ -1,0 +1,299 @@
+"""Evals: the scoring and statistics (pure functions), the API in-process, and the evaluator
+worker in-process against a fake OpenAI-compatible server on loopback (tests/fake_llm.py)
+reached through the real `openai` provider."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from sqlalchemy import update
+
+from app.evals import judge, metrics
+from app.evals.tasks import process_one
+from app.kit.time import utcnow
+from app.models import Eval, Scope
+from app.providers.openai import OpenAIProvider
+from app.workers.runner import WorkerContext
+from tests.conftest import make_settings
+from tests.datasets import FILMS, sentiment_jsonl
+from tests.fake_llm import GOOD_MODEL, FakeLLM, running_fake_llm
+from tests.test_auth import assert_envelope
+
+BASE = "gpt-4o-mini-2024-07-18"  # echoes: right on no sentiment example
+JUDGE = "gpt-4o-2024-08-06"
+EXACT = metrics.Normalization()
+
+
+# -- scoring and statistics ----------------------------------------------------------------
+
+
+def answer(output: str | None, expected: str) -> metrics.Answer:
+    if output is None:
+        return metrics.Answer(None, False, 0.0, None, None, None, None)
+    scored = metrics.score(output, expected, EXACT, json_task=False)
+    return metrics.Answer(output, scored.exact_match, scored.f1, None, 10, 5, 1)
+
+
+def test_token_f1_counts_shared_words_and_unspaced_characters() -> None:
+    assert metrics.token_f1("The cat sat.", "the cat sat") == 1.0
+    assert metrics.token_f1("a cat", "the dog") == 0.0
+    assert metrics.token_f1("cat sat on mat", "cat sat") == pytest.approx(2 / 3)
+    # Chinese has no spaces: each character is a word, punctuation of any script is not.
+    assert metrics.token_f1("這部電影真棒。", "這部電影真棒") == 1.0
+    assert metrics.token_f1("真棒", "糟透了") == 0.0
+
+
+def test_normalization_labels_and_json_detection() -> None:
+    assert metrics.Normalization()(" Yes \n") == "Yes"
+    assert metrics.Normalization(ignore_case=True)(" Yes ") == "yes"
+    assert metrics.Normalization(trim=False)(" Yes ") == " Yes "
+    assert metrics.detect_labels(["1", "0", "1", "0 "], EXACT) == ["0", "1"]
+    assert metrics.detect_labels(["a long free answer", "another one"], EXACT) is None
+    assert metrics.detect_labels([str(i) for i in range(30)] * 2, EXACT) is None
+    assert metrics.expects_json(['{"a": 1}', "[1, 2]"])
+    assert not metrics.expects_json(['{"a": 1}', "plain"])
+    assert metrics.score('{"a": 1}', '{"a": 2}', EXACT, json_task=True).valid_json
+    assert metrics.score("{broken", '{"a": 2}', EXACT, json_task=True).valid_json is False
+
+
+def test_aggregates_have_intervals_per_label_accuracy_and_a_confusion_matrix() -> None:
+    expected = ["1", "0"] * 10
+    perfect = [answer(text, text) for text in expected]
+    result = metrics.aggregate(perfect, expected, ["0", "1"], EXACT, json_task=False)
+    assert result["accuracy"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    assert result["per_label"]["1"] == {"examples": 10, "correct": 10, "accuracy": 1.0}
+    assert result["confusion_matrix"]["matrix"] == [[10, 0, 0], [0, 10, 0]]
+
+    # Always "1": half right; "0" examples land in the "1" column; a failure is "(other)".
+    always_one = [answer("1", text) for text in expected[:-1]] + [answer(None, "0")]
+    mixed = metrics.aggregate(always_one, expected, ["0", "1"], EXACT, json_task=False)
+    assert mixed["accuracy"]["value"] == 0.5
+    assert mixed["accuracy"]["ci_low"] < 0.5 < mixed["accuracy"]["ci_high"]
+    assert mixed["per_label"]["0"]["accuracy"] == 0.0 and mixed["errors"] == 1
+    assert mixed["confusion_matrix"]["columns"] == ["0", "1", metrics.OTHER_LABEL]
+    assert mixed["confusion_matrix"]["matrix"] == [[0, 9, 1], [0, 10, 0]]
+    assert mixed["latency_ms"]["p50"] == 10
+
+
+def test_a_paired_difference_is_better_only_beyond_noise() -> None:
+    expected = ["1", "0"] * 15
+    perfect = [answer(text, text) for text in expected]
+    echo = [answer("x", text) for text in expected]
+    differences = metrics.compare(perfect, echo, expected, ["0", "1"], EXACT, json_task=False)
+    assert differences["accuracy"]["verdict"] == "better"
+    assert differences["accuracy"]["difference"] == 1.0
+    reverse = metrics.compare(echo, perfect, expected, ["0", "1"], EXACT, json_task=False)
+    assert reverse["accuracy"]["verdict"] == "worse"
+    # One example apart in thirty: not beyond noise.
+    almost = [answer(text, text) for text in expected[:-1]] + [answer("x", "0")]
+    close = metrics.compare(almost, perfect, expected, ["0", "1"], EXACT, json_task=False)
+    assert close["accuracy"]["verdict"] == "no_significant_difference"
+    assert close["accuracy"]["ci_low"] < 0 <= close["accuracy"]["ci_high"]
+
+
+def test_the_judge_counts_a_win_only_when_both_orders_agree() -> None:
+    assert judge.parse_verdict("B") == "B"
+    assert judge.parse_verdict("Answer: A. It is more accurate.") == "A"
+    assert judge.parse_verdict("tie") == "tie"
+    assert judge.parse_verdict("I cannot decide") is None
+    assert judge.outcome("B", "A") == "win"  # the model preferred in both positions
+    assert judge.outcome("A", "B") == "loss"
+    assert judge.outcome("A", "A") == "tie"  # the judge just prefers position A
+    assert judge.outcome("tie", "A") == "tie"
+    assert judge.outcome(None, "A") == "invalid"
+    summary = judge.summarize(["win", "win", "tie", "loss", "invalid"])
+    assert (summary["wins"], summary["win_rate"], summary["invalid"]) == (2, 0.5, 1)
+
+
+# -- the API -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_llm() -> Iterator[FakeLLM]:
+    with running_fake_llm() as running:
+        yield running
+
+
+@pytest.fixture
+async def provider(fake_llm: FakeLLM) -> AsyncIterator[OpenAIProvider]:
+    instance = OpenAIProvider(api_key="sk-fake-evals", base_url=f"{fake_llm.base_url}/v1")
+    yield instance
+    await instance.aclose()
+
+
+@pytest.fixture
+def app(app_factory, provider):
+    return app_factory(providers={"openai": provider}, evals={"concurrency": 3})
+
+
+@pytest.fixture
+async def api(client_for, factories):
+    return client_for((await factories.key(scope=Scope.write)).key)
+
+
+async def upload(api, content: bytes, name: str = "held_out.jsonl") -> str:
+    files = {"file": (name, io.BytesIO(content), "application/jsonl")}
+    answer = await api.post("/v1/files", files=files, data={"purpose": "evals"})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["id"])
+
+
+async def test_creating_an_eval_checks_models_and_file(api, client_for, factories) -> None:
+    held_out = await upload(api, sentiment_jsonl(FILMS[:6]))
+    created = await api.post("/v1/evals", json={"models": [BASE, GOOD_MODEL], "file": held_out})
+    assert created.status_code == 200, created.text
+    body = created.json()
+    assert body["object"] == "eval" and body["status"] == "queued"
+    assert body["models"] == [BASE, GOOD_MODEL] and body["results"] is None
+    assert body["normalize"] == {"trim": True, "ignore_case": False}
+
+    for bad in (
+        {"models": [BASE], "file": held_out},
+        {"models": [BASE, BASE], "file": held_out},
+        {"models": [BASE, GOOD_MODEL], "file": held_out, "temperature": 5},
+        {"models": [BASE, GOOD_MODEL], "file": held_out, "surprise": 1},
+        {"models": [BASE, GOOD_MODEL], "file": held_out, "metrics": ["vibes"]},
+    ):
+        assert_envelope(await api.post("/v1/evals", json=bad), 422)
+    unknown = await api.post("/v1/evals", json={"models": [BASE, "gpt-nope"], "file": held_out})
+    assert assert_envelope(unknown, 404, "model_not_found")["param"] == "models[1]"
+    foreign = client_for((await factories.key(scope=Scope.write)).key)
+    theirs = await upload(foreign, sentiment_jsonl(FILMS[:2]))
+    missing = await api.post("/v1/evals", json={"models": [BASE, GOOD_MODEL], "file": theirs})
+    assert assert_envelope(missing, 404)["param"] == "file"
+    csv_file = await upload(api, b"prompt,completion\nhi,there\n" * 10, "data.csv")
+    not_chat = await api.post("/v1/evals", json={"models": [BASE, GOOD_MODEL], "file": csv_file})
+    assert_envelope(not_chat, 400, "invalid_eval_file")
+    # Another project sees none of it; a queued eval is cancelled at once.
+    assert_envelope(await foreign.get(f"/v1/evals/{body['id']}"), 404, "eval_not_found")
+    assert [e["id"] for e in (await api.get("/v1/evals")).json()["data"]] == [body["id"]]
+    cancelled = await api.post(f"/v1/evals/{body['id']}/cancel")
+    assert cancelled.json()["status"] == "cancelled"
+    assert_envelope(await api.post(f"/v1/evals/{body['id']}/cancel"), 409, "eval_finished")
+    assert (await api.delete(f"/v1/evals/{body['id']}")).json()["deleted"] is True
+    assert_envelope(await api.get(f"/v1/evals/{body['id']}"), 404)
+
+
+async def test_a_job_may_ask_for_an_evaluation_only_with_a_validation_file(api) -> None:
+    training = await upload(api, sentiment_jsonl(), "train.jsonl")
+    body = {"model": BASE, "training_file": training, "evaluate": True}
+    refused = await api.post("/v1/fine_tuning/jobs", json=body)
+    assert assert_envelope(refused, 422)["param"] == "evaluate"
+
+
+# -- the evaluator worker ------------------------------------------------------------------
+
+
+def worker_for(app_factory) -> WorkerContext:
+    evals = {"concurrency": 3, "write_interval": "PT0S"}  # every answer written at once
+    settings = make_settings(data_dir=app_factory.data_dir, evals=evals)
+    return WorkerContext(settings, app_factory.database)
+
+
+async def test_an_eval_compares_models_with_intervals_and_a_judge(
+    api, app_factory, provider, fake_llm
+) -> None:
+    films = FILMS[:15]
+    held_out = await upload(api, sentiment_jsonl(films) + b"not json\n\n")
+    created = await api.post(
+        "/v1/evals",
+        json={
+            "models": [BASE, GOOD_MODEL],
+            "file": held_out,
+            "judge": {"model": JUDGE, "rubric": "The right sentiment label."},
+        },
+    )
+    assert created.status_code == 200, created.text
+    eval_id = created.json()["id"]
+    storage = app_factory.storage()
+    assert await process_one(worker_for(app_factory), {"openai": provider}, storage)
+
+    done = (await api.get(f"/v1/evals/{eval_id}")).json()
+    assert done["status"] == "succeeded", done["error"]
+    n = 2 * len(films)
+    assert done["progress"] == {
+        "examples": n,
+        "completions_done": 4 * n,
+        "completions_total": 4 * n,
+    }
+    results = done["results"]
+    assert results["task"] == "classification" and results["labels"] == ["0", "1"]
+    assert results["skipped_lines"] == 1
+    good, base = results["models"][GOOD_MODEL], results["models"][BASE]
+    assert good["accuracy"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    assert base["accuracy"]["value"] == 0.0
+    assert good["confusion_matrix"]["matrix"] == [[15, 0, 0], [0, 15, 0]]
+    assert base["confusion_matrix"]["matrix"] == [[0, 0, 15], [0, 0, 15]]
+    assert good["per_label"]["1"]["accuracy"] == 1.0
+    assert good["latency_ms"]["p50"] >= 0 and good["tokens"]["completion"]["mean"] == 1
+    (comparison,) = results["comparisons"]
+    assert comparison["metrics"]["accuracy"]["verdict"] == "better"
+    assert results["verdict"].startswith(f"{GOOD_MODEL} is better than {BASE} on accuracy")
+    (judged,) = results["judge"]["comparisons"]
+    assert (judged["wins"], judged["losses"], judged["invalid"]) == (n, 0, 0)
+    assert judged["win_rate"] == 1.0
+
+    page = (await api.get(f"/v1/evals/{eval_id}/results", params={"limit": 4})).json()
+    assert [item["example"] for item in page["data"]] == [0, 1, 2, 3] and page["has_more"]
+    first = page["data"][0]
+    assert first["expected"] == "1" and first["prompt"][-1]["content"].endswith("真棒。")
+    answers = {a["model"]: a for a in first["answers"]}
+    assert answers[GOOD_MODEL] | {"latency_ms": 0} == answers[GOOD_MODEL] | {
+        "output": "1",
+        "exact_match": True,
+        "label": "1",
+        "latency_ms": 0,
+    }
+    assert answers[BASE]["label"] == metrics.OTHER_LABEL
+    assert first["judge"][GOOD_MODEL] == {
+        "baseline_first": "B",
+        "model_first": "A",
+        "outcome": "win",
+    }
+    rest = (await api.get(f"/v1/evals/{eval_id}/results", params={"after": "3"})).json()
+    assert rest["data"][0]["example"] == 4
+    assert_envelope(await api.get(f"/v1/evals/{eval_id}/results", params={"after": "x"}), 422)
+
+
+async def test_a_stopped_evaluator_is_resumed_without_asking_again_and_cancel_stops_it(
+    api, app_factory, provider, fake_llm, session
+) -> None:
+    held_out = await upload(api, sentiment_jsonl(FILMS[:10]))
+    created = await api.post("/v1/evals", json={"models": [BASE, GOOD_MODEL], "file": held_out})
+    eval_id = created.json()["id"]
+    worker, storage = worker_for(app_factory), app_factory.storage()
+    before = sum(fake_llm.requests.values())
+
+    # The worker dies after 12 answers, 3 more in flight: its task is cancelled while the
+    # server holds them.
+    fake_llm.hold(after=12)
+    running = asyncio.create_task(process_one(worker, {"openai": provider}, storage))
+    while sum(fake_llm.requests.values()) - before < 15:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the 12th answer is written
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    fake_llm.release()
+    # Its lease runs out; the next evaluator takes the eval over and finishes it.
+    await session.execute(update(Eval).where(Eval.id == eval_id).values(lease_until=utcnow()))
+    await session.commit()
+    assert await process_one(worker, {"openai": provider}, storage)
+    done = (await api.get(f"/v1/evals/{eval_id}")).json()
+    assert done["status"] == "succeeded" and done["results"]["examples"] == 20
+    # 40 answers, and again only the 3 that were lost (not the 12 written).
+    assert sum(fake_llm.requests.values()) - before == 40 + 3
+
+    again = await api.post("/v1/evals", json={"models": [BASE, GOOD_MODEL], "file": held_out})
+    second = again.json()["id"]
+    fake_llm.hold()
+    running = asyncio.create_task(process_one(worker, {"openai": provider}, storage))
+    await asyncio.sleep(0.3)
+    assert (await api.post(f"/v1/evals/{second}/cancel")).json()["status"] == "running"
+    fake_llm.release()
+    assert await running
+    cancelled = (await api.get(f"/v1/evals/{second}")).json()
+    assert cancelled["status"] == "cancelled" and cancelled["results"] is None
