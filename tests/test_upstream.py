@@ -237,22 +237,108 @@ def test_a_configured_proxy_selects_httpx2(monkeypatch) -> None:
     assert isinstance(forwarder_for("https://api.openai.com/v1", {}), LeanClient)
 
 
-async def test_a_pooled_connection_the_server_dropped_unanswered_is_retried_once(serve) -> None:
+async def test_a_request_is_never_sent_twice(serve) -> None:
+    """A pooled connection the server drops without answering may have run the completion:
+    the caller gets the error (and retries if it wants), tunegate does not send it again."""
     answered: set[int] = set()
 
     async def first_only(writer: asyncio.StreamWriter, body: bytes) -> bool:
         if id(writer) in answered:
-            return False  # a second request on this connection: closed, never answered
+            return False  # a second request on this connection: read, then closed unanswered
         answered.add(id(writer))
         writer.write(sized(b"ok"))
         return True
 
     server = await serve(first_only)
     client = client_for(server)
-    for _ in range(3):
-        assert await (await client.send("/x", b"{}", wait_seconds=5)).read(10) == b"ok"
-    # Each reuse met a closed connection and went again on a new one.
-    assert server.connections == 3 and len(server.requests) == 5
+    assert await (await client.send("/x", b"{}", wait_seconds=5)).read(10) == b"ok"
+    with pytest.raises(UpstreamError, match="closed the connection"):
+        await client.send("/x", b"{}", wait_seconds=5)
+    assert len(server.requests) == 2  # each send reached the server once
+    assert await (await client.send("/x", b"{}", wait_seconds=5)).read(10) == b"ok"
+    await client.aclose()
+
+
+async def test_interim_answers_are_skipped_and_never_shift_answers(serve) -> None:
+    async def continue_first(writer: asyncio.StreamWriter, body: bytes) -> bool:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\n")
+        writer.write(sized(b"answer:" + body))
+        return True
+
+    server = await serve(continue_first)
+    client = client_for(server)
+    for name in (b"one", b"two", b"three"):
+        answer = await client.send("/x", name, wait_seconds=5)
+        assert (answer.status, await answer.read(100)) == (200, b"answer:" + name)
+        assert "link" not in answer.headers
+    assert server.connections == 1
+    await client.aclose()
+
+
+async def test_an_answer_without_a_length_ends_with_the_connection(serve) -> None:
+    async def until_close(writer: asyncio.StreamWriter, body: bytes) -> bool:
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{"a": 1}')
+        await writer.drain()
+        return False
+
+    server = await serve(until_close)
+    client = client_for(server)
+    for _ in range(2):
+        answer = await client.send("/x", b"{}", wait_seconds=5)
+        assert await answer.read(100) == b'{"a": 1}'
+    assert server.connections == 2
+    await client.aclose()
+
+
+async def test_idle_connections_expire(serve) -> None:
+    server = await serve(echo)
+    client = LeanClient(f"http://127.0.0.1:{server.port}", {}, keepalive_expiry=0.05)
+    assert await (await client.send("/x", b"1", wait_seconds=5)).read(100) == b"echo:1"
+    assert await (await client.send("/x", b"2", wait_seconds=5)).read(100) == b"echo:2"
+    await asyncio.sleep(0.1)
+    assert await (await client.send("/x", b"3", wait_seconds=5)).read(100) == b"echo:3"
+    assert server.connections == 2
+    await client.aclose()
+
+
+async def test_bytes_on_an_idle_connection_retire_it(serve) -> None:
+    async def chatty(writer: asyncio.StreamWriter, body: bytes) -> bool:
+        writer.write(sized(b"ok") + sized(b"unasked"))  # one answer too many
+        return True
+
+    server = await serve(chatty)
+    client = client_for(server)
+    assert await (await client.send("/x", b"{}", wait_seconds=5)).read(10) == b"ok"
+    await asyncio.sleep(0.05)
+    assert await (await client.send("/x", b"{}", wait_seconds=5)).read(10) == b"ok"
+    assert server.connections == 2
+    await client.aclose()
+
+
+async def test_a_large_stream_read_slowly_pauses_and_resumes_the_socket(serve) -> None:
+    piece = b"x" * 65536
+
+    async def large(writer: asyncio.StreamWriter, body: bytes) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(64):  # 4 MB, more than the client buffers before pausing
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    server = await serve(large)
+    client = client_for(server)
+    answer = await client.send("/x", b"{}", wait_seconds=5)
+    received = 0
+    async for chunk in answer:
+        received += len(chunk)
+        await asyncio.sleep(0.001)
+    await answer.aclose()
+    assert received == 64 * len(piece)
+    # Read to its end: reusable, not left paused.
+    again = await client.send("/x", b"{}", wait_seconds=5)
+    assert len(await again.read(10 * 2**20)) == 64 * len(piece)
+    assert server.connections == 1
     await client.aclose()
 
 

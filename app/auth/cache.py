@@ -10,12 +10,18 @@ by every process as soon as the revocation commits, not after the TTL.
 Without that connection (not started, or lost) nothing is served from memory and every request
 asks the database, as before; the listener is reopened in the background at most every 30 s.
 A check that raced with a notification is not stored (the generation counter moved), so a
-revocation that lands between a database read and its caching is not lost either.
+revocation that lands between a database read and its caching is not lost either. The process
+that revokes a key forgets it at once; the others when the notification arrives (on loopback,
+within a millisecond of the commit). A `TRUNCATE api_keys` notifies `*`: everything is
+forgotten. Every `HEARTBEAT_SECONDS` the listener notifies itself; when that does not come back
+(a connection pooler in transaction mode swallows notifications, a connection half dead), the
+cache treats the listener as lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -32,6 +38,9 @@ log = get_logger("tunegate.auth.cache")
 
 NOTIFY_CHANNEL: Final = "tunegate_api_keys"
 LISTEN_RETRY_SECONDS: Final = 30.0
+HEARTBEAT_SECONDS: Final = 15.0
+HEARTBEAT_PATIENCE_SECONDS: Final = 5.0
+_EVERYTHING: Final = "*"
 # Entries beyond this are dropped oldest-first: memory stays bounded however many keys call.
 MAX_ENTRIES: Final = 100_000
 
@@ -55,7 +64,11 @@ class KeyCache:
         self._from_database = lookups.labels("database")
         self.generation = 0
         self._entries: dict[str, _Entry] = {}
+        self._hashes_of: dict[str, set[str]] = {}  # key id -> the hashes cached for it
         self._dsn: str | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._echo: asyncio.Event | None = None
+        self._echo_token = ""
         self._listener: Any = None
         self._next_attempt = 0.0
         self._connecting: asyncio.Task[None] | None = None
@@ -72,7 +85,7 @@ class KeyCache:
             return None
         entry = self._entries.get(key_hash)
         if entry is None or entry.expires < time.monotonic():
-            self._entries.pop(key_hash, None)
+            self._drop(key_hash)
             self._from_database.inc()
             return None
         self._from_cache.inc()
@@ -84,14 +97,31 @@ class KeyCache:
         if generation != self.generation or not self.listening or self.ttl <= 0:
             return
         if len(self._entries) >= MAX_ENTRIES:
-            del self._entries[next(iter(self._entries))]
+            self._drop(next(iter(self._entries)))
         self._entries[key_hash] = _Entry(principal, time.monotonic() + self.ttl)
+        self._hashes_of.setdefault(principal.key_id, set()).add(key_hash)
 
     def forget_key(self, key_id: str) -> None:
+        """Stop trusting a key (revoked, deleted or changed); `*` forgets every key."""
         self.generation += 1
-        stale = [h for h, entry in self._entries.items() if entry.principal.key_id == key_id]
-        for key_hash in stale:
-            del self._entries[key_hash]
+        if key_id == _EVERYTHING:
+            self._clear()
+            return
+        for key_hash in self._hashes_of.pop(key_id, ()):
+            self._entries.pop(key_hash, None)
+
+    def _drop(self, key_hash: str) -> None:
+        entry = self._entries.pop(key_hash, None)
+        if entry is not None:
+            hashes = self._hashes_of.get(entry.principal.key_id)
+            if hashes is not None:
+                hashes.discard(key_hash)
+                if not hashes:
+                    del self._hashes_of[entry.principal.key_id]
+
+    def _clear(self) -> None:
+        self._entries.clear()
+        self._hashes_of.clear()
 
     async def start(self, dsn: str) -> None:
         """Open the listening connection (`dsn`: a plain asyncpg URL). Failing is not fatal:
@@ -103,10 +133,11 @@ class KeyCache:
 
     async def close(self) -> None:
         self._dsn = None
-        if self._connecting is not None:
-            self._connecting.cancel()
+        for task in (self._connecting, self._heartbeat):
+            if task is not None:
+                task.cancel()
         listener, self._listener = self._listener, None
-        self._entries.clear()
+        self._clear()
         if listener is not None and not listener.is_closed():
             await listener.close()
 
@@ -121,9 +152,31 @@ class KeyCache:
         except Exception as exc:  # any failure means: no cache for now
             log.warning("API keys are checked in the database: LISTEN failed", error=repr(exc))
             return
-        self._entries.clear()  # changes may have been missed while nobody listened
+        self._clear()  # changes may have been missed while nobody listened
         self.generation += 1
         self._listener = listener
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Notify ourselves now and then; a notification that does not come back means the
+        listener hears nothing, so the cache must not be trusted."""
+        while self._dsn is not None:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            listener = self._listener
+            if listener is None or listener.is_closed():
+                continue
+            self._echo = asyncio.Event()
+            self._echo_token = f"heartbeat:{id(self)}:{time.monotonic()}"
+            try:
+                await listener.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, self._echo_token)
+                await asyncio.wait_for(self._echo.wait(), HEARTBEAT_PATIENCE_SECONDS)
+            except Exception as exc:  # no echo, or the connection failed
+                log.warning("API key notifications not heard back", error=type(exc).__name__)
+                if listener is self._listener:
+                    self._lost(listener)
+                    with contextlib.suppress(Exception):
+                        await listener.close()
 
     def _reconnect_later(self) -> None:
         if self._dsn is None or self.ttl <= 0 or self._connecting is not None:
@@ -139,11 +192,15 @@ class KeyCache:
 
         self._connecting = asyncio.get_running_loop().create_task(reconnect())
 
-    def _changed(self, _connection: Any, _pid: int, _channel: str, key_id: str) -> None:
-        self.forget_key(key_id)
+    def _changed(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith("heartbeat:"):
+            if payload == self._echo_token and self._echo is not None:
+                self._echo.set()
+            return
+        self.forget_key(payload)
 
     def _lost(self, _connection: Any) -> None:
         log.warning("API key notifications lost; checking keys in the database until back")
         self._listener = None
         self.generation += 1
-        self._entries.clear()
+        self._clear()

@@ -17,9 +17,7 @@ from app.kit.errors import PermissionDenied, RateLimited
 from app.models import Scope
 
 # Documents bearer auth in the OpenAPI file; the header itself is parsed strictly below.
-_bearer_doc = HTTPBearer(
-    auto_error=False, description="A tunegate API key: `tg-<prefix>-<secret>`."
-)
+bearer_doc = HTTPBearer(auto_error=False, description="A tunegate API key: `tg-<prefix>-<secret>`.")
 
 
 class RateLimiter:
@@ -77,7 +75,7 @@ def check_scope(principal: Principal, scope: Scope) -> None:
 
 async def current_principal(
     request: Request,
-    _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer_doc)] = None,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_doc)] = None,
 ) -> Principal:
     return await authenticate_request(request.app.state, request.headers.get("authorization"))
 

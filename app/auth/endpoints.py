@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from app.auth import service
 from app.auth.dependencies import AdminPrincipal
@@ -54,14 +54,21 @@ async def retrieve_api_key(key_id: KeyId, _: AdminPrincipal, session: SessionDep
 
 
 @router.post("/{key_id}/revoke", response_model=ApiKeyObject)
-async def revoke_api_key(key_id: KeyId, _: AdminPrincipal, session: SessionDep) -> ApiKeyObject:
+async def revoke_api_key(
+    key_id: KeyId, request: Request, _: AdminPrincipal, session: SessionDep
+) -> ApiKeyObject:
     """Revoke a key: it answers 401 from now on. The record stays for audit."""
     key = await service.revoke_key(session, await service.find_one_key(session, key_id))
+    # This process forgets it now; the others when the revocation's notification arrives.
+    request.app.state.key_cache.forget_key(key.id)
     return ApiKeyObject.of(key)
 
 
 @router.delete("/{key_id}", response_model=ApiKeyDeleted)
-async def delete_api_key(key_id: KeyId, _: AdminPrincipal, session: SessionDep) -> ApiKeyDeleted:
+async def delete_api_key(
+    key_id: KeyId, request: Request, _: AdminPrincipal, session: SessionDep
+) -> ApiKeyDeleted:
     """Same as revoke, answered with a deleted object (OpenAI's shape)."""
     key = await service.revoke_key(session, await service.find_one_key(session, key_id))
+    request.app.state.key_cache.forget_key(key.id)
     return ApiKeyDeleted(id=key.id)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Security
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from app.auth.dependencies import ReadPrincipal, WritePrincipal
+from app.auth.dependencies import ReadPrincipal, WritePrincipal, bearer_doc
 from app.db.session import SessionDep
 from app.inference import service
 from app.inference.proxy import CHAT, TEXT, CompletionProxy
@@ -107,19 +107,23 @@ _TEXT_PROXY = CompletionProxy(TEXT)
 _STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
-@router.post("/chat/completions", response_model=dict[str, Any], responses=_STREAMED)
-async def create_chat_completion(
-    body: ChatCompletionCreate, request: Request, principal: ReadPrincipal
-) -> Response:
+# The proxy authenticates (once); the dependency only documents the bearer key.
+_AUTH_DOC = [Security(bearer_doc)]
+
+
+@router.post(
+    "/chat/completions", response_model=dict[str, Any], responses=_STREAMED, dependencies=_AUTH_DOC
+)
+async def create_chat_completion(body: ChatCompletionCreate, request: Request) -> Response:
     """A chat completion from a base model, a fine-tuned model of this project, one of its
     checkpoints, or an alias of one. `stream: true` answers server-sent events."""
     return _Delegate(_CHAT_PROXY, await request.body())
 
 
-@router.post("/completions", response_model=dict[str, Any], responses=_STREAMED)
-async def create_completion(
-    body: CompletionCreate, request: Request, principal: ReadPrincipal
-) -> Response:
+@router.post(
+    "/completions", response_model=dict[str, Any], responses=_STREAMED, dependencies=_AUTH_DOC
+)
+async def create_completion(body: CompletionCreate, request: Request) -> Response:
     """A legacy completion (`prompt` in, `text` out) from a prompt/completion-style model
     (`babbage-002`, `davinci-002`, `gpt-3.5-turbo-instruct`, fine-tunes of them), or an alias
     of one. `stream: true` answers server-sent events."""

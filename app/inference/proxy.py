@@ -34,14 +34,15 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import orjson
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth.dependencies import authenticate_request, check_scope
 from app.auth.service import Principal
 from app.inference import service
 from app.inference.usage import UsageRecorder
-from app.kit.errors import APIError, BadGateway, InvalidPayload, UnsupportedMediaType
-from app.kit.http import is_json_content_type, parse_json_body
+from app.kit.errors import APIError, BadGateway, BadRequest, InvalidPayload, UnsupportedMediaType
+from app.kit.http import database_busy, is_json_content_type, parse_json_body
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
 from app.kit.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -162,7 +163,7 @@ def _checked_body(kind: Kind, raw: bytes, content_type: str | None) -> dict[str,
 class _Usage:
     """The usage record of one request, handed to the recorder when the request ends."""
 
-    __slots__ = ("created_at", "fields", "recorder", "started")
+    __slots__ = ("created_at", "fields", "recorded", "recorder", "started")
 
     def __init__(
         self,
@@ -182,8 +183,12 @@ class _Usage:
         }
         self.started = time.perf_counter()
         self.created_at = utcnow()
+        self.recorded = False
 
     def done(self, status: int, *, stream: bool, reported: Any = None) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
         tokens = reported if isinstance(reported, dict) else {}
         self.recorder.record(
             **self.fields,
@@ -264,16 +269,59 @@ class CompletionProxy:
         except APIError as exc:
             await _send_error(send, exc)
             return
+        except PoolTimeout:
+            await _send_error(send, database_busy(scope["path"]))
+            return
         request_id = str(scope.get("state", {}).get("request_id", ""))
         usage = _Usage(state.usage, principal, request_id, route.model, route.provider.name)
         exchange = _Exchange(self.kind, route.provider, body, route.model, usage, state)
+        watch = _ClientWatch(receive, send)
         try:
             if route.provider.forwards_raw:
-                await exchange.forward(raw, receive, send)
+                await exchange.forward(watch.send)
             else:
-                await exchange.call(receive, send)
+                await exchange.call(watch.send)
         except APIError as exc:  # before anything was sent
-            await _send_error(send, exc)
+            await _send_error(watch.send, exc)
+        except asyncio.CancelledError:
+            if not watch.fired:
+                raise
+            # The client went away: the provider's request was closed on the way out.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if not usage.recorded:
+                usage.done(CLIENT_CLOSED, stream=exchange.stream, reported=exchange.reported)
+        finally:
+            watch.stop()
+
+
+class _ClientWatch:
+    """Cancels the request's task when its client disconnects before the whole answer was
+    sent, which closes the provider's request wherever it is (waiting for the answer's head,
+    reading a plain answer, relaying a stream). `send` is the request's `send`, noting when
+    the last message goes out (a disconnect after it is the end of the exchange, not an
+    abandoned one)."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.fired = False
+        self._answered = False
+        self._send = send
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(_disconnected(receive))
+        self._watcher.add_done_callback(self._disconnected)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self._answered = True
+        await self._send(message)
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+    def _disconnected(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled() or self._answered or self._task is None:
+            return
+        self.fired = True
+        self._task.cancel()
 
 
 class _Exchange:
@@ -308,15 +356,19 @@ class _Exchange:
 
     # -- providers that take the caller's bytes ------------------------------------------
 
-    async def forward(self, raw: bytes, receive: Receive, send: Send) -> None:
+    async def forward(self, send: Send) -> None:
         body = self.body
         if self.stream and not self.wants_usage:
             options = body.get("stream_options") or {}
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        if self.model != self.asked_model:
-            body = {**body, "model": self.model}
-        if body is not self.body:
-            raw = orjson.dumps(body)
+        # Always the checked body, re-encoded: the provider reads exactly what tunegate
+        # checked (one `model`, whatever duplicate keys or byte-order mark the caller sent).
+        try:
+            raw = orjson.dumps({**body, "model": self.model})
+        except orjson.JSONEncodeError:
+            raise BadRequest(
+                "The request body is nested too deeply (at most 250 levels).", code="invalid_json"
+            ) from None
         try:
             answer = await self.provider.forward(self.kind.path, raw, wait_seconds=self.timeout)
         except ProviderError as exc:
@@ -334,11 +386,12 @@ class _Exchange:
             self.usage.done(200, stream=False, reported=parsed.get("usage"))
             await _send_json(send, 200, data)
             return
-        await self._relay(_raw_chunks(answer), receive, send, answer.aclose)
+        chunks = _raw_chunks(self.provider, answer)
+        await self._relay(chunks, send, answer.aclose, answer.finish)
 
     # -- providers with dict methods (the local one) ---------------------------------------
 
-    async def call(self, receive: Receive, send: Send) -> None:
+    async def call(self, send: Send) -> None:
         payload = {key: value for key, value in self.body.items() if value is not None}
         payload["model"] = self.model
         if self.kind is TEXT and "prompt" in self.body and self.body["prompt"] is None:
@@ -355,20 +408,20 @@ class _Exchange:
         payload["stream_options"] = {**options, "include_usage": True}
         chunks = self.kind.stream(self.provider)(payload, wait_seconds=self.timeout)
         close = chunks.aclose  # type: ignore[attr-defined]
-        await self._relay(_dict_chunks(chunks), receive, send, close)
+        await self._relay(_dict_chunks(chunks), send, close, close)
 
     # -- streams -------------------------------------------------------------------------
 
     async def _relay(
         self,
         chunks: AsyncIterator[tuple[dict[str, Any], bytes | None]],
-        receive: Receive,
         send: Send,
         close: Callable[[], Awaitable[None]],
+        finish: Callable[[], Awaitable[None]],
     ) -> None:
         """Send the stream's events as they come. An error before the first one is a plain
-        error answer (raised); a client that leaves cancels the relay, which closes the
-        provider's stream."""
+        error answer (raised). The provider's stream is closed on every way out (`finish`
+        after its end, so its connection can serve again)."""
         events = self._events(chunks)
         try:
             first = await anext(events)
@@ -381,20 +434,11 @@ class _Exchange:
         except BaseException:
             await close()
             raise
-        relay = asyncio.ensure_future(self._send_events(first, events, send))
-        watch = asyncio.ensure_future(_disconnected(receive))
+        ended = False
         try:
-            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+            ended = await self._send_events(first, events, send)
         finally:
-            watch.cancel()
-            relay.cancel()  # nothing when it has finished; else the client left
-            try:
-                await relay
-            except asyncio.CancelledError:
-                if not relay.cancelled():
-                    raise
-            finally:
-                await close()
+            await (finish() if ended else close())
 
     async def _events(
         self, chunks: AsyncIterator[tuple[dict[str, Any], bytes | None]]
@@ -412,7 +456,8 @@ class _Exchange:
                 raw = None
             yield b"data: " + (raw if raw is not None else orjson.dumps(chunk)) + b"\n\n"
 
-    async def _send_events(self, first: bytes, events: AsyncIterator[bytes], send: Send) -> None:
+    async def _send_events(self, first: bytes, events: AsyncIterator[bytes], send: Send) -> bool:
+        """Relay the events; True when the provider's stream ended as it should."""
         status = CLIENT_CLOSED
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -421,6 +466,7 @@ class _Exchange:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             status = 200
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
+            return True
         except ProviderError as exc:
             failure = service.upstream_error(exc, self.asked_model, self.kind.what)
             status = failure.status_code
@@ -434,6 +480,7 @@ class _Exchange:
             await _end_with_error(send, failure)
         finally:
             self.usage.done(status, stream=True, reported=self.reported)
+        return False
 
 
 async def _end_with_error(send: Send, failure: APIError) -> None:
@@ -462,28 +509,50 @@ def _broken(exc: UpstreamError) -> ProviderError:
     return ProviderConnectionError(str(exc))
 
 
+def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete server-sent events at the start of `buffer`, and what is left of it. Lines end
+    with LF, CRLF or CR; a CR at the very end may be the first half of a CRLF, so it waits."""
+    if b"\r" in buffer:
+        held = buffer.endswith(b"\r")
+        body = buffer[:-1] if held else buffer
+        buffer = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+    blocks = buffer.split(b"\n\n")
+    return blocks[:-1], blocks[-1]
+
+
+def _event_data(block: bytes) -> bytes | None:
+    """The `data` of one event (its data lines joined), or None for a comment or an event
+    without data."""
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return block[6:]  # the usual event: one data line
+    lines = [line[5:] for line in block.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+
+
 async def _sse_data(answer: UpstreamResponse) -> AsyncIterator[bytes]:
     """The `data` of each server-sent event of an answer, up to `[DONE]` or its end."""
     buffer = b""
     async for piece in answer:
         buffer += piece
-        if b"\r" in piece:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        while (end := buffer.find(b"\n\n")) >= 0:
-            block, buffer = buffer[:end], buffer[end + 2 :]
-            if block.startswith(b"data: ") and b"\n" not in block:
-                data = block[6:]  # the usual event: one data line
-            else:
-                lines = [line[5:] for line in block.split(b"\n") if line.startswith(b"data:")]
-                if not lines:
-                    continue  # a comment, or an event without data
-                data = b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+        if b"\n" not in piece and b"\r" not in piece:
+            if len(buffer) > MAX_ANSWER_BYTES:
+                raise ProviderServerError("An event of the provider's stream is too large.")
+            continue
+        events, buffer = _split_events(buffer)
+        for block in events:
+            data = _event_data(block)
+            if data is None:
+                continue
             if data == b"[DONE]":
                 return
             yield data
 
 
-async def _raw_chunks(answer: UpstreamResponse) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
+async def _raw_chunks(
+    provider: Provider, answer: UpstreamResponse
+) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
     """Each event of a forwarded stream, checked to be a chunk: (parsed, as sent)."""
     try:
         async for data in _sse_data(answer):
@@ -492,22 +561,10 @@ async def _raw_chunks(answer: UpstreamResponse) -> AsyncIterator[tuple[dict[str,
                 raise ProviderServerError("A chunk of the provider's stream did not parse.")
             error = chunk.get("error")
             if error is not None and "choices" not in chunk:
-                raise _stream_error(error)
+                raise provider.stream_error(error)
             yield chunk, data
     except UpstreamError as exc:
         raise _broken(exc) from None
-
-
-def _stream_error(error: Any) -> ProviderError:
-    """An error event in the middle of a provider's stream: the provider's trouble."""
-    details = error if isinstance(error, dict) else {}
-    message = details.get("message")
-    code, param = details.get("code"), details.get("param")
-    return ProviderServerError(
-        message if isinstance(message, str) and message else "The provider's stream failed.",
-        code=code if isinstance(code, str) else None,
-        param=param if isinstance(param, str) else None,
-    )
 
 
 async def _dict_chunks(

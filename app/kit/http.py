@@ -33,6 +33,7 @@ from app.kit.errors import (
     InvalidPayload,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     UnsupportedMediaType,
     error_body,
     error_response,
@@ -462,17 +463,17 @@ async def _handle_integrity_error(request: Request, exc: Exception) -> Response:
     )
 
 
-async def _handle_pool_timeout(request: Request, exc: Exception) -> Response:
-    log.warning("database pool exhausted", path=request.url.path)
-    return error_response(
-        503,
-        error_body(
-            "The service is busy (no database connection free); retry shortly.",
-            type="server_error",
-            code="service_unavailable",
-        ),
-        {"Retry-After": "1"},
+def database_busy(path: str) -> ServiceUnavailable:
+    """What a request gets when no database connection came free in time."""
+    log.warning("database pool exhausted", path=path)
+    return ServiceUnavailable(
+        "The service is busy (no database connection free); retry shortly.",
+        headers={"Retry-After": "1"},
     )
+
+
+async def _handle_pool_timeout(request: Request, exc: Exception) -> Response:
+    return render(database_busy(request.url.path))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,32 +1,38 @@
 """A lean HTTP/1.1 client for the inference hot path: one origin, keep-alive pool, raw bytes.
 
-The proxy forwards a completion request as the bytes it received and hands the answer back as
+The proxy forwards a completion request as JSON it has checked and hands the answer back as
 the bytes the provider sent, so it needs no request builder, no response model and no
 JSON round trip - only a socket that is reused. httpx2 (what the `openai` SDK runs on) spends
 about 0.5 ms of CPU per request on this machine; this client, an `asyncio.Protocol` with
 httptools' response parser, about a tenth of that, which is most of the difference between a
 proxy that adds 2 ms and one that adds 0.3 ms.
 
-What it does: HTTP/1.1 to one `http://` or `https://` origin (TLS with certifi's CAs when
-installed), keep-alive connections kept in a LIFO pool, `Content-Length` and chunked answers
-(httptools removes the chunk framing), a timeout for the answer's head and between body
-chunks, flow control (a slow reader pauses the socket), one retry on a fresh connection when a
-pooled one turns out to have been closed by the server before it answered anything (the
-request cannot have been processed). What it does not: proxies (`Forwarder.for_base_url`
-falls back to httpx2 when one is configured for the origin), HTTP/2, redirects, compression
-(it asks for `identity`).
+What it does: HTTP/1.1 to one `http://` or `https://` origin (TLS verified with the trust
+httpx2 uses: SSL_CERT_FILE / SSL_CERT_DIR, else the system's), keep-alive connections kept in
+a LIFO pool and dropped after `KEEPALIVE_EXPIRY` idle, answers with `Content-Length`, chunked
+(httptools removes the framing) or ended by the server closing, interim 1xx heads skipped, a
+timeout for the answer's head and between body chunks, flow control (a slow reader pauses the
+socket). A connection is reused only when its answer was read to the end; one that receives
+bytes while no request uses it is closed. A request is never sent twice: a POST that may have
+reached the server is not retried (the caller's 502 is retried by the openai SDK).
+
+What it does not: proxies (`forwarder_for` falls back to httpx2 when the environment sets one
+for the origin), HTTP/2, redirects, compression (it asks for `identity`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+import time
 import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
+import httpcore2
 import httptools
 
 __all__ = [
@@ -43,6 +49,13 @@ __all__ = [
 
 # Idle connections kept per origin; more are closed when they are given back.
 MAX_IDLE: Final = 64
+# An idle connection older than this is not reused (httpcore's default is 5 s; servers such as
+# uvicorn close idle connections after 5 s, so reusing one that old races with its close).
+KEEPALIVE_EXPIRY: Final = 4.0
+# After a stream's [DONE], how long and how much of the rest of its body is read so that its
+# connection can be reused.
+_DRAIN_SECONDS: Final = 1.0
+_DRAIN_BYTES: Final = 64 * 1024
 # The socket stops reading while this much of a streamed answer waits for its reader.
 _HIGH_WATER: Final = 1024 * 1024
 
@@ -71,6 +84,11 @@ class UpstreamResponse(Protocol):
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         """The body as it arrives (chunk framing removed)."""
+        ...
+
+    async def finish(self) -> None:
+        """The reader has what it needs (a stream's `[DONE]`): the rest of the body is read
+        briefly so the connection can be reused, then it is released."""
         ...
 
     async def aclose(self) -> None:
@@ -125,6 +143,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
+        self.active = False  # a request is using it (bytes arriving otherwise are a fault)
+        self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -133,8 +153,9 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._header_list: list[tuple[str, str]] = []
         self._error: BaseException | None = None
+        self._interim = False  # the head being parsed is a 1xx (100 Continue, 103 ...)
+        self._until_close = False  # the body ends when the server closes (no length given)
         self.complete = False
-        self.received_any = False
         self.keep_alive = True
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -144,7 +165,11 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.received_any = True
+        if not self.active:
+            # Nobody asked: a server talking out of turn. The connection cannot be trusted
+            # to line answers up with requests any more.
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -154,9 +179,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
-            reason = f": {exc}" if exc else ""
-            self._fail(UpstreamError(f"The upstream closed the connection{reason}."))
+        if self.complete:
+            return
+        if self._until_close and exc is None and self._head is not None and self._head.done():
+            self.complete = True  # an answer without a length ends with the connection
+            self.keep_alive = False
+            self._wake()
+            return
+        reason = f": {exc}" if exc else ""
+        self._fail(UpstreamError(f"The upstream closed the connection{reason}."))
 
     def pause_writing(self) -> None:  # bodies are written at once; nothing to pause
         pass
@@ -165,16 +196,35 @@ class _Connection(asyncio.Protocol):
         pass
 
     # -- httptools callbacks --------------------------------------------------------------
+    # After the answer is complete, anything more in the same bytes is an answer nobody asked
+    # for: it is ignored, and the connection is not reused.
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_list.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        if not self.complete:
+            self._header_list.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True  # not the answer: the real head follows
+            self._header_list = []
+            return
         self.keep_alive = self._parser.should_keep_alive()
+        names = {name for name, _ in self._header_list}
+        self._until_close = "content-length" not in names and "transfer-encoding" not in names
+        self._until_close = self._until_close and status not in (204, 304)
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -183,8 +233,12 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        self.complete = True
-        self._wake()
+        if self._interim:
+            self._interim = False
+            return
+        if not self.complete:
+            self.complete = True
+            self._wake()
 
     # -- used by LeanClient / _LeanResponse -----------------------------------------------
 
@@ -196,8 +250,9 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._header_list = []
         self._error = None
+        self._interim = self._until_close = False
         self.complete = False
-        self.received_any = False
+        self.active = True
         self.transport.write(request)
         return self._head
 
@@ -206,6 +261,11 @@ class _Connection(asyncio.Protocol):
 
     def header_map(self) -> dict[str, str]:
         return dict(self._header_list)
+
+    @property
+    def reusable(self) -> bool:
+        """Its answer was read to the end and the server keeps it open."""
+        return self.complete and self.keep_alive and not self.closed and not self._chunks
 
     async def next_chunk(self, wait_seconds: float | None) -> bytes | None:
         """The next piece of the body; None at its end."""
@@ -232,6 +292,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.active = False
         if self.transport is not None:
             self.transport.close()
 
@@ -269,6 +330,20 @@ class _LeanResponse:
         while (chunk := await connection.next_chunk(self._wait_seconds)) is not None:
             yield chunk
 
+    async def finish(self) -> None:
+        """The answer is done for its reader (a stream's `[DONE]`): read what is left of the
+        body for a moment, so the connection can serve again, then release it."""
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(UpstreamError):
+                async with asyncio.timeout(_DRAIN_SECONDS):
+                    left = 0
+                    while (chunk := await connection.next_chunk(None)) is not None:
+                        left += len(chunk)
+                        if left > _DRAIN_BYTES:
+                            break
+        await self.aclose()
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -279,7 +354,12 @@ class LeanClient:
     """Keep-alive HTTP/1.1 to one origin. `headers` go with every request (auth, identity)."""
 
     def __init__(
-        self, base_url: str, headers: Mapping[str, str], *, connect_timeout: float = 10.0
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        connect_timeout: float = 10.0,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -288,10 +368,8 @@ class LeanClient:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = _tls_context() if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
-        default_port = self._port == (443 if parts.scheme == "https" else 80)
-        host_header = parts.netloc.rpartition("@")[2] if not default_port else self._host
         fixed = {
-            "host": host_header,
+            "host": parts.netloc.rpartition("@")[2],  # IPv6 literals keep their brackets
             "accept-encoding": "identity",
             "content-type": "application/json",
             **{name.lower(): value for name, value in headers.items()},
@@ -300,6 +378,7 @@ class LeanClient:
             "latin-1"
         )
         self._connect_timeout = connect_timeout
+        self._keepalive_expiry = keepalive_expiry
         self._idle: list[_Connection] = []
         self._closed = False
 
@@ -322,37 +401,27 @@ class LeanClient:
             )
         )
         loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            connection = self._pooled() or await self._connect(loop)
-            head = connection.start(request, loop)
-            try:
-                async with asyncio.timeout(wait_seconds):
-                    await head
-            except TimeoutError:
-                connection.close()
-                raise UpstreamTimeout("The upstream did not answer in time.") from None
-            except UpstreamError:
-                connection.close()
-                # A pooled connection the server had already closed: nothing was processed.
-                if attempt == 1 and connection.reused and not connection.received_any:
-                    continue
-                raise
-            except BaseException:
-                connection.close()  # cancelled: the request is abandoned with its socket
-                raise
-            return _LeanResponse(self, connection, wait_seconds)
-        raise AssertionError("unreachable")  # pragma: no cover
+        connection = self._pooled() or await self._connect(loop)
+        head = connection.start(request, loop)
+        # No retry, even on a pooled connection the server dropped before answering: it may
+        # have run the completion anyway, and a second one would be billed twice. The caller
+        # gets a 502, which the openai SDK retries on its own.
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await head
+        except TimeoutError:
+            connection.close()
+            raise UpstreamTimeout("The upstream did not answer in time.") from None
+        except BaseException:
+            connection.close()  # an error, or cancelled: the request goes with its socket
+            raise
+        return _LeanResponse(self, connection, wait_seconds)
 
     def release(self, connection: _Connection) -> None:
-        reusable = (
-            connection.complete
-            and connection.keep_alive
-            and not connection.closed
-            and not self._closed
-            and len(self._idle) < MAX_IDLE
-        )
-        if reusable:
+        connection.active = False
+        if connection.reusable and not self._closed and len(self._idle) < MAX_IDLE:
             connection.reused = True
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
             connection.close()
@@ -364,11 +433,16 @@ class LeanClient:
             connection.close()
 
     def _pooled(self) -> _Connection | None:
+        expired_before = time.monotonic() - self._keepalive_expiry
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed and connection.transport is not None:
-                if not connection.transport.is_closing():
-                    return connection
+            transport = connection.transport
+            if connection.closed or transport is None or transport.is_closing():
+                continue
+            if connection.idle_since < expired_before:
+                connection.close()  # the server (or a NAT on the way) may have dropped it
+                continue
+            return connection
         return None
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
@@ -382,7 +456,7 @@ class LeanClient:
                     server_hostname=self._host if self._ssl is not None else None,
                 )
         except TimeoutError:
-            raise UpstreamConnectError(
+            raise UpstreamTimeout(
                 f"Could not connect to {self._host}:{self._port} in time."
             ) from None
         except (OSError, ssl.SSLError) as exc:
@@ -395,11 +469,10 @@ class LeanClient:
 
 
 def _tls_context() -> ssl.SSLContext:
-    try:
-        import certifi
-    except ImportError:  # pragma: no cover - certifi comes with httpx2
-        return ssl.create_default_context()
-    return ssl.create_default_context(cafile=certifi.where())
+    """The trust httpx2 (and so the SDK's own requests) uses: SSL_CERT_FILE / SSL_CERT_DIR,
+    else the system's certificates."""
+    context: ssl.SSLContext = httpcore2.default_ssl_context()
+    return context
 
 
 class _Httpx2Response:
@@ -423,6 +496,13 @@ class _Httpx2Response:
             raise UpstreamTimeout("The upstream sent nothing more in time.") from None
         except httpx2.TransportError as exc:
             raise UpstreamError(f"The connection to the upstream broke: {exc}") from None
+
+    async def finish(self) -> None:
+        with contextlib.suppress(UpstreamError, TimeoutError):
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for _ in self:
+                    pass
+        await self.aclose()
 
     async def aclose(self) -> None:
         await self._response.aclose()

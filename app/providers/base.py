@@ -286,6 +286,11 @@ class Provider(ABC):
         """The `ProviderError` a forwarded request's non-2xx answer stands for."""
         return ProviderServerError(f"The {self.name} provider answered HTTP {status}.")
 
+    def stream_error(self, error: Any) -> ProviderError:
+        """The `ProviderError` for an `{"error": ...}` event in a forwarded stream (the
+        provider's trouble, whatever it says), its message cleared of secrets."""
+        return ProviderServerError(f"The {self.name} provider's stream failed.")
+
     @abstractmethod
     async def list_base_models(self) -> list[BaseModelInfo]: ...
 

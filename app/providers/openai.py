@@ -278,6 +278,15 @@ class OpenAIProvider(Provider):
             parsed = None
         return status_error(status, parsed, headers, [self._api_key])
 
+    def stream_error(self, error: Any) -> ProviderError:
+        details = error if isinstance(error, dict) else {}
+        message = _upstream_message(details, "OpenAI's stream failed.")
+        return ProviderServerError(
+            _redact(message, [self._api_key]),
+            code=_optional_str(details.get("code")),
+            param=_optional_str(details.get("param")),
+        )
+
     # Files
 
     async def upload_file(self, filename: str, path: Path, purpose: str = "fine-tune") -> str:

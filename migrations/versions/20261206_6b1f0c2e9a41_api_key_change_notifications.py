@@ -6,8 +6,8 @@ Create Date: 2026-12-06 18:30:00.000000
 
 Every API process keeps the keys it has checked in memory (app/auth/cache.py) while it
 LISTENs on `tunegate_api_keys`; this trigger tells it, at commit, which key was revoked,
-deleted or otherwise changed, however the change was made (API, CLI, plain SQL).
-`last_used_at` updates do not notify.
+deleted or otherwise changed, however the change was made (API, CLI, plain SQL), and `*` when
+the table is truncated. `last_used_at` updates do not notify.
 """
 
 from collections.abc import Sequence
@@ -44,8 +44,25 @@ def upgrade() -> None:
         "CREATE TRIGGER api_keys_changed AFTER UPDATE OR DELETE ON api_keys "
         "FOR EACH ROW EXECUTE FUNCTION tunegate_api_key_changed()"
     )
+    op.execute(
+        """
+        CREATE FUNCTION tunegate_api_keys_truncated() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('tunegate_api_keys', '*');
+            RETURN NULL;
+        END;
+        $$
+        """
+    )
+    op.execute(
+        "CREATE TRIGGER api_keys_truncated AFTER TRUNCATE ON api_keys "
+        "FOR EACH STATEMENT EXECUTE FUNCTION tunegate_api_keys_truncated()"
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER api_keys_truncated ON api_keys")
+    op.execute("DROP FUNCTION tunegate_api_keys_truncated()")
     op.execute("DROP TRIGGER api_keys_changed ON api_keys")
     op.execute("DROP FUNCTION tunegate_api_key_changed()")
