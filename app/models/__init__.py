@@ -3,6 +3,7 @@
 from app.models.alias import ModelAlias
 from app.models.api_key import ApiKey, Scope
 from app.models.blob import Blob
+from app.models.feedback import Feedback
 from app.models.file import File
 from app.models.idempotency_key import IdempotencyKey
 from app.models.job import (
@@ -24,6 +25,7 @@ from app.models.webhook import WebhookAttempt, WebhookDelivery, WebhookEndpoint,
 __all__ = [
     "ApiKey",
     "Blob",
+    "Feedback",
     "File",
     "FineTunedModel",
     "IdempotencyKey",
