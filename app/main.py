@@ -23,6 +23,7 @@ from app.db.migrate import is_at_head
 from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
+from app.inference.ab import router as ab_router
 from app.inference.endpoints import router as inference_router
 from app.inference.proxy import HotPaths
 from app.inference.usage import UsageRecorder
@@ -163,6 +164,8 @@ def create_app(
     app.include_router(provider_webhooks_router)
     app.include_router(models_router)
     app.include_router(inference_router)
+    # Before any other /v1/evals/... route: /v1/evals/ab/{alias} is not an eval's id.
+    app.include_router(ab_router)
     app.include_router(webhook_endpoints_router)
     app.include_router(webhook_deliveries_router)
     document_webhooks(app)

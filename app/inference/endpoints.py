@@ -1,5 +1,6 @@
 """Inference endpoints: the completion routes (documented here, served by `proxy.py`), usage
-totals and model aliases (of one model, or split between several by weight).
+totals and model aliases (of one model, or split between several by weight). Feedback and the
+A/B report of split aliases are in `ab.py`.
 
 `POST /v1/chat/completions` and `POST /v1/completions` (legacy prompt/completion models) are
 OpenAI-compatible, streamed or not, for every model the caller's project may use; how they work
@@ -35,6 +36,20 @@ router = APIRouter(
 )
 
 MAX_UNIX = 253402300799  # 9999-12-31T23:59:59Z
+UnixStart = Annotated[
+    int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds; default: 30 days before `end`.")
+]
+UnixEnd = Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds; default: now.")]
+
+
+def report_window(start: int | None, end: int | None) -> tuple[datetime, datetime]:
+    """[since, until) of a report: `start` (default 30 days before `end`) to `end` (default
+    now)."""
+    until = datetime.fromtimestamp(end, UTC) if end is not None else utcnow()
+    since = datetime.fromtimestamp(start, UTC) if start is not None else until - timedelta(days=30)
+    if since >= until:
+        raise InvalidPayload("`start` must be before `end`.", param="start")
+    return since, until
 
 
 class ChatCompletionCreate(BaseModel):
@@ -131,16 +146,13 @@ async def create_completion(
 async def usage_report(
     principal: ReadPrincipal,
     session: SessionDep,
-    start: Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds.")] = None,
-    end: Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds.")] = None,
+    start: UnixStart = None,
+    end: UnixEnd = None,
     group_by: Annotated[Literal["model", "day"], Query()] = "model",
 ) -> UsageReport:
     """Inference totals of this project between `start` (default: 30 days ago) and `end`
     (default: now), per model or per UTC day. Records reach it within about a second."""
-    until = datetime.fromtimestamp(end, UTC) if end is not None else utcnow()
-    since = datetime.fromtimestamp(start, UTC) if start is not None else until - timedelta(days=30)
-    if since >= until:
-        raise InvalidPayload("`start` must be before `end`.", param="start")
+    since, until = report_window(start, end)
     rows = await UsageRepository(session, principal.project_id).totals(since, until, group_by)
     data = [UsageTotals(key=str(key), **values) for key, values in rows]
     overall = {
@@ -225,8 +237,8 @@ class AliasDeleted(BaseModel):
     deleted: bool
 
 
-def _alias_not_found(name: str) -> NotFound:
-    return NotFound(f"No model alias named '{name}'.", param="name", code="alias_not_found")
+def alias_not_found(name: str, param: str = "name") -> NotFound:
+    return NotFound(f"No model alias named '{name}'.", param=param, code="alias_not_found")
 
 
 async def _checked_arms(
@@ -283,7 +295,7 @@ async def retrieve_alias(
 ) -> AliasObject:
     row = await AliasRepository(session, principal.project_id).get(name)
     if row is None:
-        raise _alias_not_found(name)
+        raise alias_not_found(name)
     return AliasObject.of(row)
 
 
@@ -300,7 +312,7 @@ async def switch_alias(
     arms = await _checked_arms(body, request, principal.project_id, session)
     row = await AliasRepository(session, principal.project_id).get(name, for_update=True)
     if row is None:
-        raise _alias_not_found(name)
+        raise alias_not_found(name)
     _route_to(row, arms)
     row.updated_at = utcnow()
     await session.flush()
@@ -313,6 +325,6 @@ async def delete_alias(
 ) -> AliasDeleted:
     row = await AliasRepository(session, principal.project_id).get(name, for_update=True)
     if row is None:
-        raise _alias_not_found(name)
+        raise alias_not_found(name)
     await session.delete(row)
     return AliasDeleted(name=name, deleted=True)

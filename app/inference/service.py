@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.inference.repository import AliasRepository
-from app.kit.errors import APIError, Conflict
-from app.models import Job, JobCheckpoint, ModelAlias
+from app.inference.repository import AliasRepository, UsageRepository
+from app.inference.usage import UsageRecorder
+from app.kit.errors import APIError, Conflict, NotFound
+from app.models import Job, JobCheckpoint, ModelAlias, UsageRecord
 from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import (
     Provider,
@@ -158,6 +159,29 @@ async def _provider_of(
         .limit(1)
     )
     return checkpoint_provider
+
+
+async def served_request(
+    session: AsyncSession, recorder: UsageRecorder, project_id: str, request_id: str
+) -> UsageRecord:
+    """The usage record of a completion this project asked for, by its request id.
+
+    Records are written in batches about every second (`usage.py`), so one this process
+    answered a moment ago may still be in memory: it is written before the second look. One
+    another replica answered within its last flush interval is not found yet (404; a retry
+    a second later finds it)."""
+    usage = UsageRepository(session, project_id)
+    found = await usage.latest_of_request(request_id)
+    if found is None:
+        await recorder.flush()
+        found = await usage.latest_of_request(request_id)
+    if found is None:
+        raise NotFound(
+            f"No completion of this project has the request id '{request_id}'.",
+            param="request_id",
+            code="request_not_found",
+        )
+    return found
 
 
 def upstream_error(exc: ProviderError, model: str, what: str = "chat completion") -> APIError:
