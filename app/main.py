@@ -24,6 +24,7 @@ from app.evals.endpoints import router as evals_router
 from app.files.endpoints import files_router, uploads_router
 from app.files.storage import BlobStorage, make_storage
 from app.health.endpoints import router as health_router
+from app.inference.ab import router as ab_router
 from app.inference.endpoints import router as inference_router
 from app.inference.proxy import HotPaths
 from app.inference.usage import UsageRecorder
@@ -164,6 +165,8 @@ def create_app(
     app.include_router(provider_webhooks_router)
     app.include_router(models_router)
     app.include_router(inference_router)
+    # Before any other /v1/evals/... route: /v1/evals/ab/{alias} is not an eval's id.
+    app.include_router(ab_router)
     app.include_router(evals_router)
     app.include_router(webhook_endpoints_router)
     app.include_router(webhook_deliveries_router)

@@ -8,7 +8,9 @@ from itertools import count
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import service as auth
-from app.models import ApiKey, Project, Scope
+from app.kit.ids import new_id
+from app.kit.time import utcnow
+from app.models import ApiKey, FineTunedModel, Job, Project, Scope
 from app.projects import service as projects
 
 _numbers = count(1)
@@ -35,3 +37,33 @@ class Factories:
         row, plaintext = await auth.create_key(self.session, project, scope)
         await self.session.commit()
         return Credentials(project=project, key_row=row, key=plaintext)
+
+    async def fine_tuned_model(
+        self, project: Project, model_id: str, base_model: str = "gpt-4o-mini-2024-07-18"
+    ) -> FineTunedModel:
+        """An OpenAI fine-tuned model of `project`, made by a succeeded job of its own."""
+        job = Job(
+            id=new_id("ftjob-"),
+            project_id=project.id,
+            provider="openai",
+            model=base_model,
+            training_file="file-x",
+            method={"type": "supervised"},
+            hyperparameters={},
+            status="succeeded",
+            result_files=[],
+            submit_attempts=1,
+        )
+        self.session.add(job)
+        await self.session.flush()
+        model = FineTunedModel(
+            id=model_id,
+            project_id=project.id,
+            provider="openai",
+            base_model=base_model,
+            job_id=job.id,
+            created_at=utcnow(),
+        )
+        self.session.add(model)
+        await self.session.commit()
+        return model

@@ -30,13 +30,14 @@ pytestmark = pytest.mark.slow
 ADMIN_KEY = "tg-fuzzadmin1-0123456789abcdefghijklmnopqrstuvwxyzABCD"
 EXAMPLES_PER_OPERATION = 30
 # Operations whose valid inputs JSON Schema cannot state: a webhook URL must also pass the
-# target policy (scheme, host, address ranges; tests/test_webhook_targets.py), a usage report's
-# `start` must come before its `end`. Schema-valid input may get the documented 422 there;
-# every other check still runs on them.
+# target policy (scheme, host, address ranges; tests/test_webhook_targets.py), a usage or A/B
+# report's `start` must come before its `end`. Schema-valid input may get the documented 422
+# there; every other check still runs on them.
 SEMANTIC_REFUSALS = {
     "POST /v1/webhook_endpoints",
     "PATCH /v1/webhook_endpoints/{endpoint_id}",
     "GET /v1/usage",
+    "GET /v1/evals/ab/{alias}",
 }
 
 

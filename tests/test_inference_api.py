@@ -9,7 +9,7 @@ import pytest
 
 from app.inference.proxy import HotPaths
 from app.kit.time import utcnow
-from app.models import FineTunedModel, Job, Scope
+from app.models import FineTunedModel, Scope
 from tests.test_auth import assert_envelope
 
 CHAT = "/v1/chat/completions"
@@ -18,33 +18,9 @@ TUNED = "ft:gpt-4o-mini-2024-07-18:acme:bot:abc123"
 
 
 @pytest.fixture
-async def owner(factories, session):
+async def owner(factories):
     credentials = await factories.key(scope=Scope.read)
-    job = Job(
-        id="ftjob-inference0000000000001",
-        project_id=credentials.project.id,
-        provider="openai",
-        model="gpt-4o-mini-2024-07-18",
-        training_file="file-x",
-        method={"type": "supervised"},
-        hyperparameters={},
-        status="succeeded",
-        result_files=[],
-        submit_attempts=1,
-    )
-    session.add(job)
-    await session.flush()
-    session.add(
-        FineTunedModel(
-            id=TUNED,
-            project_id=credentials.project.id,
-            provider="openai",
-            base_model=job.model,
-            job_id=job.id,
-            created_at=utcnow(),
-        )
-    )
-    await session.commit()
+    await factories.fine_tuned_model(credentials.project, TUNED)
     return credentials
 
 
@@ -145,21 +121,9 @@ async def test_completion_bodies_may_exceed_the_general_body_limit(
     assert_envelope(await mine.post("/v1/model_aliases", json={"name": "a" * 3000}), 413)
 
 
-async def test_aliases_name_a_projects_model_and_switch(
-    owner, client_for, factories, session
-) -> None:
+async def test_aliases_name_a_projects_model_and_switch(owner, client_for, factories) -> None:
     second = TUNED.replace("abc123", "def456")
-    session.add(
-        FineTunedModel(
-            id=second,
-            project_id=owner.project.id,
-            provider="openai",
-            base_model="gpt-4o-mini-2024-07-18",
-            job_id="ftjob-inference0000000000001",
-            created_at=utcnow(),
-        )
-    )
-    await session.commit()
+    await factories.fine_tuned_model(owner.project, second)
     mine = client_for(owner.key)  # a read key: aliases need write
     writer = client_for((await factories.key(owner.project, scope=Scope.write)).key)
     other = client_for((await factories.key(scope=Scope.write)).key)

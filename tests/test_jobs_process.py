@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
@@ -470,3 +472,69 @@ def test_legacy_completions_serve_a_prompt_completion_fine_tune(
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="ft:babbage-002:nobody:x:y", prompt="hi")
     assert unknown.value.code == "model_not_found"
+
+
+def test_an_ab_alias_splits_live_traffic_by_weight_and_reports_each_arm(
+    client: openai.OpenAI, training_file: str, server: RunningServer
+) -> None:
+    base = "gpt-4o-mini-2024-07-18"
+    job = client.fine_tuning.jobs.create(model=base, training_file=training_file, suffix="ab")
+    done = wait_for(finished(client, job.id), 60, "the job to finish")
+    assert done.status == "succeeded" and done.fine_tuned_model, done
+    tuned = done.fine_tuned_model
+    http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    split = {"name": "adder-ab", "models": {tuned: 90, base: 10}}
+    created = http.post("/v1/model_aliases", json=split)
+    assert created.status_code == 200, created.text
+    assert created.json()["models"] == {tuned: 90, base: 10}
+    asked = [{"role": "user", "content": "3 + 3?"}]
+
+    def ask(user: str | None = None) -> Any:
+        extra = {"user": user} if user else {}
+        return client.chat.completions.create(
+            model="adder-ab", messages=asked, max_tokens=1, **extra
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: ask(), range(1000)))
+    served = Counter(answer.model for answer in answers)
+    print(f"1,000 requests to a 90/10 split: {dict(served)}")
+    assert set(served) == {tuned, base}
+    assert abs(served[tuned] / 1000 - 0.90) <= 0.05 and abs(served[base] / 1000 - 0.10) <= 0.05
+    # Each arm answers as itself: the fine-tuned model knows the sum, its base does not.
+    assert all(a.choices[0].message.content == "6" for a in answers if a.model == tuned)
+    alice = [ask("alice") for _ in range(20)]
+    assert len({answer.model for answer in alice}) == 1
+    served[alice[0].model] += 20
+
+    # Feedback through the request ids the SDK read from `x-request-id`.
+    tuned_ids = [a._request_id for a in answers if a.model == tuned][:6]
+    base_ids = [a._request_id for a in answers if a.model == base][:4]
+    sent = [{"request_id": i, "score": 1.0, "label": "right"} for i in tuned_ids[:5]]
+    sent += [{"request_id": tuned_ids[5], "score": -1.0, "comment": "too short"}]
+    sent += [{"request_id": i, "score": -0.5, "label": "wrong"} for i in base_ids]
+    for feedback in sent:
+        answer = http.post("/v1/feedback", json=feedback)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["alias"] == "adder-ab"
+    assert http.post("/v1/feedback", json={"request_id": "nope", "score": 1}).status_code == 404
+
+    def report() -> Any:
+        found = http.get("/v1/evals/ab/adder-ab").json()
+        return found if found["requests"] >= 1020 else None
+
+    found = wait_for(report, 10, "the usage records")
+    arms = {arm["model"]: arm for arm in found["arms"]}
+    assert found["weights"] == {tuned: 90, base: 10} and list(arms) == [tuned, base]
+    assert {model: arm["requests"] for model, arm in arms.items()} == dict(served)
+    assert arms[tuned]["share"] == served[tuned] / 1020 and arms[tuned]["errors"] == 0
+    latency = arms[base]["latency_ms"]
+    assert 0 <= latency["p50"] <= latency["p95"] and latency["mean"] is not None
+    assert arms[tuned]["completion_tokens"] == served[tuned]  # max_tokens=1
+    assert arms[tuned]["feedback"]["count"] == 6
+    assert arms[tuned]["feedback"]["mean_score"] == pytest.approx(4 / 6)
+    assert arms[tuned]["feedback"]["labels"] == {"right": 5}
+    assert arms[base]["feedback"]["count"] == 4
+    assert arms[base]["feedback"]["mean_score"] == pytest.approx(-0.5)
+    assert arms[base]["feedback"]["score_ci95"] == [-0.5, -0.5]  # all four alike
+    http.close()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,11 +35,12 @@ class EvalCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: list[str] = Field(
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         min_length=2,
         max_length=MAX_MODELS,
         description="Model ids (or aliases); the first is the baseline the others are compared "
         "with, typically the base model and then its fine-tune.",
+        json_schema_extra={"uniqueItems": True},
     )
     file: str = Field(
         min_length=1,
@@ -75,8 +76,6 @@ class EvalCreate(BaseModel):
     def _distinct(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("each model may appear once")
-        if any(not model or len(model) > 256 for model in value):
-            raise ValueError("model ids are 1 to 256 characters")
         return value
 
 

@@ -1,5 +1,6 @@
 """Inference endpoints: the completion routes (documented here, served by `proxy.py`), usage
-totals and model aliases.
+totals and model aliases (of one model, or split between several by weight). Feedback and the
+A/B report of split aliases are in `ab.py`.
 
 `POST /v1/chat/completions` and `POST /v1/completions` (legacy prompt/completion models) are
 OpenAI-compatible, streamed or not, for every model the caller's project may use; how they work
@@ -27,6 +28,7 @@ from app.kit.errors import Conflict, InvalidPayload, NotFound
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import ListPage, PageParams, page_params, to_page
 from app.kit.time import to_unix, utcnow
+from app.kit.types import JSON_INTEGER, fields_given
 from app.models import ModelAlias
 
 router = APIRouter(
@@ -34,6 +36,20 @@ router = APIRouter(
 )
 
 MAX_UNIX = 253402300799  # 9999-12-31T23:59:59Z
+UnixStart = Annotated[
+    int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds; default: 30 days before `end`.")
+]
+UnixEnd = Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds; default: now.")]
+
+
+def report_window(start: int | None, end: int | None) -> tuple[datetime, datetime]:
+    """[since, until) of a report: `start` (default 30 days before `end`) to `end` (default
+    now)."""
+    until = datetime.fromtimestamp(end, UTC) if end is not None else utcnow()
+    since = datetime.fromtimestamp(start, UTC) if start is not None else until - timedelta(days=30)
+    if since >= until:
+        raise InvalidPayload("`start` must be before `end`.", param="start")
+    return since, until
 
 
 class ChatCompletionCreate(BaseModel):
@@ -134,16 +150,13 @@ async def create_completion(body: CompletionCreate, request: Request) -> Respons
 async def usage_report(
     principal: ReadPrincipal,
     session: SessionDep,
-    start: Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds.")] = None,
-    end: Annotated[int | None, Query(ge=0, le=MAX_UNIX, description="Unix seconds.")] = None,
+    start: UnixStart = None,
+    end: UnixEnd = None,
     group_by: Annotated[Literal["model", "day"], Query()] = "model",
 ) -> UsageReport:
     """Inference totals of this project between `start` (default: 30 days ago) and `end`
     (default: now), per model or per UTC day. Records reach it within about a second."""
-    until = datetime.fromtimestamp(end, UTC) if end is not None else utcnow()
-    since = datetime.fromtimestamp(start, UTC) if start is not None else until - timedelta(days=30)
-    if since >= until:
-        raise InvalidPayload("`start` must be before `end`.", param="start")
+    since, until = report_window(start, end)
     rows = await UsageRepository(session, principal.project_id).totals(since, until, group_by)
     data = [UsageTotals(key=str(key), **values) for key, values in rows]
     overall = {
@@ -164,23 +177,50 @@ async def usage_report(
 AliasName = Annotated[str, Path(pattern=service.ALIAS_PATTERN, description="The alias.")]
 
 
-class AliasCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+ModelId = Annotated[str, Field(min_length=1, max_length=256)]
+Weight = Annotated[int, Field(ge=1, le=1000), JSON_INTEGER]
+MAX_ARMS = 10
 
+
+class AliasTarget(BaseModel):
+    """What an alias routes to: `model`, or `models` with a weight each (an A/B split)."""
+
+    # Exactly one of `model` and `models`: stated here for the OpenAPI document, and enforced
+    # by `arms()` (a JSON null counts as absent).
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=fields_given("oneOf", model="string", models="object")
+    )
+
+    model: ModelId | None = Field(default=None, description="A model this project may use.")
+    models: dict[ModelId, Weight] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_ARMS,
+        description="Models this project may use, each with an integer weight (1-1000): each "
+        'gets its share of the weights\' sum of the requests, e.g. `{"ft:…A": 90, "ft:…B": 10}`.',
+    )
+
+    def arms(self) -> dict[str, int]:
+        if self.model is not None and self.models is not None:
+            raise InvalidPayload("Give either `model` or `models`, not both.", param="models")
+        if self.models is not None:
+            return dict(self.models)
+        if self.model is None:
+            raise InvalidPayload("Give `model`, or `models` with a weight for each.", param="model")
+        return {self.model: service.SINGLE_ARM_WEIGHT}
+
+
+class AliasCreate(AliasTarget):
     name: str = Field(pattern=service.ALIAS_PATTERN, description="e.g. `support-bot`.")
-    model: str = Field(min_length=1, max_length=256, description="A model this project may use.")
-
-
-class AliasUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, max_length=256)
 
 
 class AliasObject(BaseModel):
     object: Literal["model_alias"] = "model_alias"
     name: str
-    model: str
+    model: str = Field(description="The model, or the split's heaviest arm.")
+    models: dict[str, int] = Field(
+        description="Each arm's weight; an alias of one model has one arm, weight 100."
+    )
     created_at: int
     updated_at: int
 
@@ -189,6 +229,7 @@ class AliasObject(BaseModel):
         return cls(
             name=row.name,
             model=row.model,
+            models=service.weights_of(row),
             created_at=to_unix(row.created_at) or 0,
             updated_at=to_unix(row.updated_at) or 0,
         )
@@ -200,18 +241,34 @@ class AliasDeleted(BaseModel):
     deleted: bool
 
 
-def _alias_not_found(name: str) -> NotFound:
-    return NotFound(f"No model alias named '{name}'.", param="name", code="alias_not_found")
+def alias_not_found(name: str, param: str = "name") -> NotFound:
+    return NotFound(f"No model alias named '{name}'.", param=param, code="alias_not_found")
+
+
+async def _checked_arms(
+    body: AliasTarget, request: Request, project_id: str, session: SessionDep
+) -> dict[str, int]:
+    arms = body.arms()
+    configured = set(request.app.state.providers or {})
+    for model in arms:
+        await service.check_target(session, configured, project_id, model)
+    return arms
+
+
+def _route_to(row: ModelAlias, arms: dict[str, int]) -> None:
+    row.model = service.heaviest_arm(arms)
+    row.weights = arms if len(arms) > 1 else None
 
 
 @router.post("/model_aliases", response_model=AliasObject, tags=["inference"])
 async def create_alias(
     body: AliasCreate, request: Request, principal: WritePrincipal, session: SessionDep
 ) -> AliasObject:
-    """A stable name for a model of this project; chat completions accept it as `model`."""
+    """A stable name for a model of this project, or for several that split its requests by
+    weight (`models`); chat completions accept it as `model`."""
     configured = set(request.app.state.providers or {})
     await service.check_alias_name(session, configured, body.name)
-    await service.check_target(session, configured, principal.project_id, body.model)
+    arms = await _checked_arms(body, request, principal.project_id, session)
     repository = AliasRepository(session, principal.project_id)
     if await repository.get(body.name) is not None:
         raise Conflict(
@@ -220,9 +277,9 @@ async def create_alias(
             code="alias_exists",
         )
     now = utcnow()
-    row = repository.add(
-        ModelAlias(name=body.name, model=body.model, created_at=now, updated_at=now)
-    )
+    row = ModelAlias(name=body.name, created_at=now, updated_at=now)
+    _route_to(row, arms)
+    repository.add(row)
     await session.flush()
     return AliasObject.of(row)
 
@@ -242,26 +299,26 @@ async def retrieve_alias(
 ) -> AliasObject:
     row = await AliasRepository(session, principal.project_id).get(name)
     if row is None:
-        raise _alias_not_found(name)
+        raise alias_not_found(name)
     return AliasObject.of(row)
 
 
 @router.patch("/model_aliases/{name}", response_model=AliasObject, tags=["inference"])
 async def switch_alias(
     name: AliasName,
-    body: AliasUpdate,
+    body: AliasTarget,
     request: Request,
     principal: WritePrincipal,
     session: SessionDep,
 ) -> AliasObject:
-    """Point the alias at another model, atomically: every request after this answer uses it
-    (blue/green after an evaluation)."""
-    configured = set(request.app.state.providers or {})
-    await service.check_target(session, configured, principal.project_id, body.model)
+    """Point the alias at another model, or at other arms and weights, atomically: every
+    request after this answer uses them (blue/green after an evaluation, an A/B ramp)."""
+    arms = await _checked_arms(body, request, principal.project_id, session)
     row = await AliasRepository(session, principal.project_id).get(name, for_update=True)
     if row is None:
-        raise _alias_not_found(name)
-    row.model, row.updated_at = body.model, utcnow()
+        raise alias_not_found(name)
+    _route_to(row, arms)
+    row.updated_at = utcnow()
     await session.flush()
     return AliasObject.of(row)
 
@@ -272,6 +329,6 @@ async def delete_alias(
 ) -> AliasDeleted:
     row = await AliasRepository(session, principal.project_id).get(name, for_update=True)
     if row is None:
-        raise _alias_not_found(name)
+        raise alias_not_found(name)
     await session.delete(row)
     return AliasDeleted(name=name, deleted=True)

@@ -9,13 +9,14 @@ apply), and the FastAPI routes in `endpoints.py` document them and serve them th
 
 A request is authenticated (`authenticate_request`: the key cache, then the database), checked
 (a JSON object with OpenAI's required fields of the right types; the rest passes through),
-counted against the per-key completion rate limit and resolved to a provider. Then:
+counted against the per-key completion rate limit and resolved to a provider (a split alias
+to one of its arms, by weight, sticky per `user`: `service.choose_arm`). Then:
 
-- providers that speak OpenAI's HTTP API (`Provider.forwards_raw`) get the caller's bytes as
-  they are (re-encoded only to name an alias's model or to ask a stream for usage), and the
-  caller gets the provider's bytes as they are: a plain answer is checked to be a JSON object
-  and its usage read; a stream is cut into server-sent events, each event checked and
-  forwarded as soon as it is complete;
+- providers that speak OpenAI's HTTP API (`Provider.forwards_raw`) get the checked body
+  re-encoded (the model the route chose; usage asked of a stream; exactly what was checked, so
+  no duplicate key can mean something else upstream), and the caller gets the provider's bytes
+  as they are: a plain answer is checked to be a JSON object and its usage read; a stream is
+  cut into server-sent events, each event checked and forwarded as soon as it is complete;
 - other providers (the local one) answer through their dict methods.
 
 Streams: `text/event-stream`, ending with `data: [DONE]`. An error before the first chunk is an
@@ -170,16 +171,16 @@ class _Usage:
         recorder: UsageRecorder,
         principal: Principal,
         request_id: str,
-        model: str,
-        provider: str,
+        route: service.Route,
     ) -> None:
         self.recorder = recorder
         self.fields = {
             "project_id": principal.project_id,
             "api_key_id": principal.key_id,
             "request_id": request_id or None,
-            "model": model,
-            "provider": provider,
+            "model": route.model,
+            "alias": route.alias,
+            "provider": route.provider.name,
         }
         self.started = time.perf_counter()
         self.created_at = utcnow()
@@ -260,11 +261,13 @@ class CompletionProxy:
             raw = await _read_body(receive)
             body = _checked_body(self.kind, raw, _header(scope, b"content-type"))
             state.inference_limiter.check(principal.key_id)
+            user = body.get("user")
             route = await service.resolve(
                 state.database.sessionmaker,
                 state.providers or {},
                 principal.project_id,
                 body["model"],
+                user if isinstance(user, str) else None,
             )
         except APIError as exc:
             await _send_error(send, exc)
@@ -273,7 +276,7 @@ class CompletionProxy:
             await _send_error(send, database_busy(scope["path"]))
             return
         request_id = str(scope.get("state", {}).get("request_id", ""))
-        usage = _Usage(state.usage, principal, request_id, route.model, route.provider.name)
+        usage = _Usage(state.usage, principal, request_id, route)
         exchange = _Exchange(self.kind, route.provider, body, route.model, usage, state)
         watch = _ClientWatch(receive, send)
         try:

@@ -3,6 +3,8 @@ background task writes the buffer in one INSERT every `TUNEGATE_INFERENCE__USAGE
 (or as soon as it holds `USAGE_BATCH` records), and once more when the app shuts down. A
 process that dies loses at most the last interval's records; a failing write is retried with
 the next batch (up to `MAX_BUFFERED` records are kept, then the oldest are dropped and logged).
+`flush()` may also be awaited by a request that needs this process's records written now
+(feedback about a request just answered): it returns once every record it found is written.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class UsageRecorder:
         self._buffer: list[dict[str, Any]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
+        # One write at a time, so a flush that finds the buffer empty still waits for the
+        # records another flush has taken and not yet written.
+        self._writing = asyncio.Lock()
         self._closing = False
 
     def record(self, **row: Any) -> None:
@@ -53,20 +58,24 @@ class UsageRecorder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), timeout=self._interval)
             self._full.clear()
-            await self.flush()
-
-    async def flush(self) -> None:
-        batch, self._buffer = self._buffer, []
-        if not batch:
-            return
-        try:
-            async with self._sessionmaker()() as session, session.begin():
-                await session.execute(_INSERT, batch)
-        except Exception:
-            log.exception("could not write usage records; keeping them for the next try")
-            self._buffer[:0] = batch
-            if not self._closing:
+            if not await self.flush() and not self._closing:
                 await asyncio.sleep(self._interval)
+
+    async def flush(self) -> bool:
+        """Write the buffered records; False when the database did not take them (they are
+        kept for the next try)."""
+        async with self._writing:
+            batch, self._buffer = self._buffer, []
+            if not batch:
+                return True
+            try:
+                async with self._sessionmaker()() as session, session.begin():
+                    await session.execute(_INSERT, batch)
+            except Exception:
+                log.exception("could not write usage records; keeping them for the next try")
+                self._buffer[:0] = batch
+                return False
+            return True
 
     async def close(self) -> None:
         """Let a write under way finish, then write what is left (once)."""

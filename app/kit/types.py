@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator
 
@@ -19,3 +19,15 @@ JSON_INTEGER = BeforeValidator(_json_integer)
 # Put range constraints *before* JSON_INTEGER (Annotated[int, Interval(...), JSON_INTEGER]) so
 # they stay in the JSON schema.
 JSONInt = Annotated[int, JSON_INTEGER]
+
+
+def fields_given(combinator: Literal["oneOf", "anyOf"], **types: str) -> dict[str, Any]:
+    """JSON Schema for a body that must give exactly one (`oneOf`) or at least one (`anyOf`) of
+    these fields, not null ({field: JSON type}): the OpenAPI document states what a body model's
+    optional fields cannot, and the endpoint enforces it."""
+    return {
+        combinator: [
+            {"required": [name], "properties": {name: {"type": kind}}}
+            for name, kind in types.items()
+        ]
+    }

@@ -4,6 +4,7 @@ from app.models.alias import ModelAlias
 from app.models.api_key import ApiKey, Scope
 from app.models.blob import Blob
 from app.models.eval import Eval, EvalExample, EvalResult
+from app.models.feedback import Feedback
 from app.models.file import File
 from app.models.idempotency_key import IdempotencyKey
 from app.models.job import (
@@ -28,6 +29,7 @@ __all__ = [
     "Eval",
     "EvalExample",
     "EvalResult",
+    "Feedback",
     "File",
     "FineTunedModel",
     "IdempotencyKey",

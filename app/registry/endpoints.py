@@ -49,7 +49,12 @@ class ModelObject(BaseModel):
     shutdown_date: str | None = None
     base_model: str | None = None
     fine_tuning_job_id: str | None = None
-    alias_for: str | None = Field(default=None, description="An alias's model (tunegate).")
+    alias_for: str | None = Field(
+        default=None, description="An alias's model, or its heaviest arm (tunegate)."
+    )
+    arms: dict[str, int] | None = Field(
+        default=None, description="A split alias's models and their weights (tunegate)."
+    )
 
     @classmethod
     def of_base(cls, entry: BaseEntry) -> ModelObject:
@@ -86,6 +91,7 @@ def _alias_object(row: ModelAlias, target: ModelObject) -> ModelObject:
         provider=target.provider,
         kind="alias",
         alias_for=row.model,
+        arms=row.weights,
     )
 
 

@@ -1,7 +1,7 @@
 """evals
 
 Revision ID: e3d91b5c7a02
-Revises: 6b1f0c2e9a41
+Revises: a7c2e4f81d30
 Create Date: 2026-12-06 18:27:57.607006
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = 'e3d91b5c7a02'
-down_revision: str | Sequence[str] | None = '6b1f0c2e9a41'
+down_revision: str | Sequence[str] | None = 'a7c2e4f81d30'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
