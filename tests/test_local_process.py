@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from tests.datasets import sentiment_jsonl
 from tests.server import RunningServer, start_server
 from tests.server import wait_for as _wait_for
 
@@ -210,3 +211,69 @@ def test_pause_resume_and_a_cancel_that_stops_training_within_a_step(
     time.sleep(1)
     assert steps_seen() == stopped_at  # nothing after
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
+def test_a_job_with_evaluate_beats_its_base_model_on_held_out_films(
+    client: openai.OpenAI, http: httpx.Client, tmp_path: Path
+) -> None:
+    """Issue 10's acceptance: 36 films (72 lines) split 75/25 by label; the job trains on the
+    split, evaluates itself on the held-out quarter when it succeeds, and its accuracy's
+    interval excludes its base model's."""
+    data = tmp_path / "films.jsonl"
+    data.write_bytes(sentiment_jsonl())
+    with data.open("rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    split = http.post(
+        f"/v1/files/{uploaded.id}/splits",
+        json={"validation_fraction": 0.25, "seed": 7, "stratify_by_label": True},
+    )
+    assert split.status_code == 200, split.text
+    train, held_out = split.json()["train_file"]["id"], split.json()["validation_file"]["id"]
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=train,
+        validation_file=held_out,
+        seed=42,
+        extra_body={"evaluate": True},
+    )
+    assert (job.model_extra or {}).get("evaluate") is True
+    done = wait_for(finished(client, job.id), 600, "the local job to finish")
+    assert done.status == "succeeded", done.error
+    eval_id = (done.model_extra or {}).get("eval_id")
+    assert eval_id, "the succeeded job links its eval"
+
+    def evaluated() -> Any:
+        found = http.get(f"/v1/evals/{eval_id}").json()
+        return found if found["status"] in {"succeeded", "failed", "cancelled"} else None
+
+    result = wait_for(evaluated, 300, "the eval to finish")
+    assert result["status"] == "succeeded", result["error"]
+    assert result["models"] == [BASE, done.fine_tuned_model]
+    assert result["fine_tuning_job_id"] == job.id
+    summary = result["results"]
+    n = summary["examples"]
+    assert n == 18 and summary["task"] == "classification" and summary["labels"] == ["0", "1"]
+    tuned, base = summary["models"][done.fine_tuned_model], summary["models"][BASE]
+    assert tuned["accuracy"]["value"] >= 0.95, tuned
+    assert tuned["accuracy"]["ci_low"] > base["accuracy"]["value"], (tuned, base)
+    (comparison,) = summary["comparisons"]
+    assert comparison["metrics"]["accuracy"]["verdict"] == "better"
+    # The confusion matrix matches the answers one by one.
+    answers = []
+    after = None
+    while True:
+        page = http.get(f"/v1/evals/{eval_id}/results", params={"after": after} if after else {})
+        answers += page.json()["data"]
+        if not page.json()["has_more"]:
+            break
+        after = page.json()["last_id"]
+    assert len(answers) == n
+    columns = tuned["confusion_matrix"]["columns"]
+    counted = [[0] * len(columns) for _ in summary["labels"]]
+    for item in answers:
+        (mine,) = [a for a in item["answers"] if a["model"] == done.fine_tuned_model]
+        counted[summary["labels"].index(item["expected"])][columns.index(mine["label"])] += 1
+    assert counted == tuned["confusion_matrix"]["matrix"]
+    assert sum(counted[0]) == sum(counted[1]) == n // 2  # stratified: as many 0s as 1s
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith(f"Evaluation {eval_id} finished:") for m in events)
