@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import __version__
 from app.config import LogFormat, LogSettings, Settings
+from app.evals.cli import evals_cli
 from app.kit.logging import configure_logging
 from app.models import Scope
 from app.providers.emulator.cli import emulator
@@ -44,8 +45,10 @@ jobs_cli = typer.Typer(
     no_args_is_help=True,
 )
 cli.add_typer(jobs_cli, name="jobs")
+cli.add_typer(evals_cli, name="evals")
 
 err = Console(stderr=True)
+out = Console()
 
 
 def _settings() -> Settings:
@@ -347,7 +350,7 @@ def files_upload(
         DownloadColumn(),
         TransferSpeedColumn(),
     )
-    with closing(client), _talking_to(base_url), Progress(*columns, console=err) as progress:
+    with closing(client), talking_to(base_url), Progress(*columns, console=err) as progress:
         task = progress.add_task(path.name, total=path.stat().st_size)
         created = client.upload(path, purpose, lambda n: progress.advance(task, n))
     err.print(
@@ -440,7 +443,7 @@ def files_list(
     from app.files.client import TunegateClient
 
     client = TunegateClient(base_url, api_key)
-    with closing(client), _talking_to(base_url):
+    with closing(client), talking_to(base_url):
         files = client.list_files(purpose)
     if as_json:
         typer.echo(json.dumps(files, indent=2, ensure_ascii=False))
@@ -469,15 +472,15 @@ class TrainingMethod(enum.StrEnum):
     dpo = "dpo"
 
 
-def _say(message: str, style: str = "") -> None:
+def say(message: str, style: str = "") -> None:
     """A line on stderr, unwrapped (rich wraps at 80 columns when stderr is not a terminal)."""
     from rich.text import Text
 
     err.print(Text(message, style=style), soft_wrap=True)
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    _say(message, "red")
+def fail(message: str, code: int = 1) -> typer.Exit:
+    say(message, "red")
     return typer.Exit(code)
 
 
@@ -487,7 +490,7 @@ def _api_error(exc: TunegateError) -> str:
 
 
 @contextmanager
-def _talking_to(base_url: str) -> Generator[None, None, None]:
+def talking_to(base_url: str) -> Generator[None, None, None]:
     """An error answer or an unreachable server becomes a message on stderr and exit status 1."""
     import httpx2
 
@@ -496,7 +499,7 @@ def _talking_to(base_url: str) -> Generator[None, None, None]:
     try:
         yield
     except TunegateError as exc:
-        raise _fail(_api_error(exc)) from None
+        raise fail(_api_error(exc)) from None
     except BrokenPipeError:
         # The reader went away (`… | head`): stop quietly, as tools killed by SIGPIPE do.
         import os
@@ -505,7 +508,7 @@ def _talking_to(base_url: str) -> Generator[None, None, None]:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
     except (OSError, httpx2.TransportError) as exc:
-        raise _fail(f"Cannot reach tunegate at {base_url}: {exc}") from None
+        raise fail(f"Cannot reach tunegate at {base_url}: {exc}") from None
 
 
 def _local_time(unix: int | None, seconds: bool = False) -> str:
@@ -516,17 +519,17 @@ def _local_time(unix: int | None, seconds: bool = False) -> str:
     return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else ""))
 
 
-def _file_or_path(value: str, option: str) -> str | Path:
+def file_or_path(value: str, option: str) -> str | Path:
     """An existing local path is to be uploaded; otherwise it must be a file id."""
     path = Path(value).expanduser()
     if path.is_file():
         return path
     if value.startswith("file-"):
         return value
-    raise _fail(f"{option}: {value} is neither a local file nor a file id (file-…).", 2)
+    raise fail(f"{option}: {value} is neither a local file nor a file id (file-…).", 2)
 
 
-def _upload_for_fine_tuning(files: TunegateClient, path: Path) -> str:
+def upload_file(files: TunegateClient, path: Path, purpose: str = "fine-tune") -> str:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     columns = (
@@ -538,9 +541,9 @@ def _upload_for_fine_tuning(files: TunegateClient, path: Path) -> str:
     # A bar only on a terminal: elsewhere rich would leave an empty line behind.
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task(f"uploading {path.name}", total=path.stat().st_size)
-        created = files.upload(path, "fine-tune", lambda n: progress.advance(task, n))
+        created = files.upload(path, purpose, lambda n: progress.advance(task, n))
     examples = created.get("examples")
-    _say(
+    say(
         f"Uploaded {path.name} as {created['id']}"
         + (f" ({examples} examples)" if examples is not None else "")
     )
@@ -567,7 +570,7 @@ def _job_body(
     for item in metadata or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _fail(f"--metadata wants KEY=VALUE, got '{item}'.", 2)
+            raise fail(f"--metadata wants KEY=VALUE, got '{item}'.", 2)
         pairs[key] = value
     body: dict[str, object] = {"model": model}
     chosen = {
@@ -588,7 +591,7 @@ def _job_body(
             fields = [str(p) for p in error["loc"] if str(p).isidentifier()]
             option = f"--{fields[-1].replace('_', '-')}" if fields else "job"
             problems.setdefault(option, error["msg"])
-        raise _fail("; ".join(f"{o}: {m}" for o, m in problems.items()), 2) from None
+        raise fail("; ".join(f"{o}: {m}" for o, m in problems.items()), 2) from None
     return body
 
 
@@ -644,12 +647,12 @@ def jobs_create(
     from app.jobs.client import JobsClient, JobsError
 
     if as_json and follow:
-        raise _fail("--json and --follow cannot be used together.", 2)
+        raise fail("--json and --follow cannot be used together.", 2)
     if beta is not None and method is not TrainingMethod.dpo:
-        raise _fail("--beta applies to --method dpo only.", 2)
-    training = _file_or_path(file, "--file")
+        raise fail("--beta applies to --method dpo only.", 2)
+    training = file_or_path(file, "--file")
     held_out = (
-        None if validation_file is None else _file_or_path(validation_file, "--validation-file")
+        None if validation_file is None else file_or_path(validation_file, "--validation-file")
     )
     hyperparameters: dict[str, object] = {
         name: value
@@ -668,17 +671,17 @@ def jobs_create(
     def waiting(exc: JobsError) -> None:
         if exc.message not in said:  # once per validation, not every few seconds
             said.add(exc.message)
-            _say(f"{exc.message} Waiting…", "dim")
+            say(f"{exc.message} Waiting…", "dim")
 
     with (
-        _talking_to(base_url),
+        talking_to(base_url),
         closing(TunegateClient(base_url, api_key)) as files,
         JobsClient(base_url, api_key) as jobs,
     ):
         if isinstance(training, Path):
-            training = _upload_for_fine_tuning(files, training)
+            training = upload_file(files, training)
         if isinstance(held_out, Path):
-            held_out = _upload_for_fine_tuning(files, held_out)
+            held_out = upload_file(files, held_out)
         body["training_file"] = training
         if held_out is not None:
             body["validation_file"] = held_out
@@ -689,15 +692,15 @@ def jobs_create(
             path = local.get(exc.code or "")
             if path is None or not Path(path).is_file():
                 raise
-            _say(_api_error(exc), "red")
+            say(_api_error(exc), "red")
             how = f" --method {method.value}" if method else ""
-            _say(f"Check it locally: tunegate files validate {path} --model {model}{how}")
+            say(f"Check it locally: tunegate files validate {path} --model {model}{how}")
             raise typer.Exit(1) from None
         if as_json:
             typer.echo(json.dumps(job, indent=2, ensure_ascii=False))
             return
         cost = job.get("estimated_cost")
-        _say(
+        say(
             f"Created {job['id']}: {job['status']}, model {job['model']}, provider "
             f"{job.get('provider')}" + (f", estimated cost ${cost:.2f}" if cost is not None else "")
         )
@@ -724,7 +727,7 @@ def jobs_follow(
     from app.jobs.client import JobsClient
 
     with (
-        _talking_to(base_url),
+        talking_to(base_url),
         JobsClient(base_url, api_key, events_page_size=events_page_size) as jobs,
     ):
         code = _follow(jobs, job_id, interval)
@@ -742,7 +745,7 @@ def _event_line(event: Event, with_percent: bool = False) -> str:
 
 
 def _outage(exc: Exception) -> None:
-    _say(f"tunegate does not answer ({exc}); still trying…", "yellow")
+    say(f"tunegate does not answer ({exc}); still trying…", "yellow")
 
 
 def _follow(jobs: JobsClient, job_id: str, interval: float) -> int:
@@ -758,7 +761,7 @@ def _follow(jobs: JobsClient, job_id: str, interval: float) -> int:
                 for event in last.events:
                     typer.echo(_event_line(event, with_percent=True))
     except KeyboardInterrupt:
-        _say(
+        say(
             f"Stopped following {job_id}; the job goes on (cancel it with "
             f"`tunegate jobs cancel {job_id}`)."
         )
@@ -838,14 +841,14 @@ def jobs_list(
     """List the project's fine-tuning jobs, newest first."""
     from app.jobs.client import JobsClient
 
-    with _talking_to(base_url), JobsClient(base_url, api_key) as jobs:
+    with talking_to(base_url), JobsClient(base_url, api_key) as jobs:
         found, more = jobs.list_jobs(None if all_jobs else limit)
     if as_json:
         typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     else:
         _print_jobs(found)
     if more:
-        _say(f"More jobs: raise --limit (now {limit}) or use --all.")
+        say(f"More jobs: raise --limit (now {limit}) or use --all.")
 
 
 def _print_jobs(found: list[Job]) -> None:
@@ -882,7 +885,7 @@ def jobs_cancel(
     """Cancel an unfinished job (at its provider too) and print its new status."""
     from app.jobs.client import JobsClient
 
-    with _talking_to(base_url), JobsClient(base_url, api_key) as jobs:
+    with talking_to(base_url), JobsClient(base_url, api_key) as jobs:
         job = jobs.cancel(job_id)
     typer.echo(f"{job['id']}: {job['status']}")
 

@@ -538,3 +538,61 @@ def test_an_ab_alias_splits_live_traffic_by_weight_and_reports_each_arm(
     assert arms[base]["feedback"]["mean_score"] == pytest.approx(-0.5)
     assert arms[base]["feedback"]["score_ci95"] == [-0.5, -0.5]  # all four alike
     http.close()
+
+
+def test_evaluate_true_queues_an_eval_and_the_cli_prints_the_comparison(
+    client: openai.OpenAI, training_file: str, server: RunningServer
+) -> None:
+    base = "gpt-4o-mini-2024-07-18"
+    job = client.fine_tuning.jobs.create(
+        model=base,
+        training_file=training_file,
+        validation_file=training_file,  # what the emulator's tuned model learned by heart
+        suffix="evald",
+        extra_body={"evaluate": True},
+    )
+    done = wait_for(finished(client, job.id), 60, "the job to finish")
+    assert done.status == "succeeded", done
+    eval_id = (done.model_extra or {}).get("eval_id")
+    http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    def evaluated() -> Any:
+        found = http.get(f"/v1/evals/{eval_id}").json()
+        return found if found["status"] == "succeeded" else None
+
+    summary = wait_for(evaluated, 60, "the job's eval")["results"]
+    assert summary["task"] == "free_text" and summary["examples"] == 12
+    assert summary["models"][done.fine_tuned_model]["exact_match"]["value"] == 1.0
+    assert summary["models"][base]["exact_match"]["value"] == 0.0
+
+    ran = server.cli(
+        "evals",
+        "run",
+        "--models",
+        f"{base},{done.fine_tuned_model}",
+        "--file",
+        training_file,
+        "--api-key",
+        ADMIN_KEY,
+        "--base-url",
+        server.base_url,
+        "--interval",
+        "0.2",
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "exact_match" in ran.stdout and "1.000 [1.000, 1.000]" in ran.stdout
+    assert f"{done.fine_tuned_model} is better than {base} on f1" in ran.stdout
+    refused = server.cli(
+        "evals",
+        "run",
+        "--models",
+        base,
+        "--file",
+        training_file,
+        "--api-key",
+        ADMIN_KEY,
+        "--base-url",
+        server.base_url,
+    )
+    assert refused.returncode == 2 and "at least two models" in refused.stderr
