@@ -766,3 +766,25 @@ def test_hash_table_matches_a_set_until_its_cap() -> None:
             else:
                 seen[key] = batch + 1
     assert table.size == len(seen) and not table.capped
+
+
+def test_hash_table_finds_every_key_after_growing_past_its_last_slot() -> None:
+    # Keys whose home slots are the last ones: when the table grows, they are re-placed from
+    # its end around to its start, where later lookups must still find them.
+    rng = np.random.default_rng(5)
+    table = HashTable(100_000, wide=True, value_dtype=np.uint32)
+    seen: dict[tuple[int, int], int] = {}
+    for batch in range(12):
+        keys = rng.integers(1, 2**63, size=(600, 2), dtype=np.uint64)
+        keys[:300, 0] |= np.uint64(0xFFFF)
+        if seen:
+            keys[-100:] = np.array(list(seen)[-100:], dtype=np.uint64)
+        values = np.full(600, batch + 1, dtype=np.uint32)
+        found, stored = table.insert(keys[:, 0].copy(), keys[:, 1].copy(), values)
+        for i, key in enumerate(map(tuple, keys.tolist())):
+            assert bool(found[i]) == (key in seen)
+            if found[i]:
+                assert int(stored[i]) == seen[key]
+            else:
+                seen[key] = batch + 1
+    assert table.size == len(seen) > 4096  # grew past its initial size at least once

@@ -27,7 +27,14 @@ from app.validation.csv_rows import count_csv_rows, is_csv_header
 from app.validation.issues import IssueLog
 from app.validation.memory import return_large_blocks_to_the_system
 from app.validation.messages import ROLES
-from app.validation.pipeline import BATCH_CHARS, BATCH_TEXTS, Accumulator, ExampleBatch, Pipeline
+from app.validation.pipeline import (
+    BATCH_EXAMPLES,
+    COUNT_CHARS,
+    COUNT_TEXTS,
+    Accumulator,
+    ExampleBatch,
+    Pipeline,
+)
 from app.validation.reader import read_lines, too_long_message
 from app.validation.report import (
     build_report,
@@ -145,7 +152,7 @@ class _Validation:
         ctx = self._ctx
         chat = self._chat.check
         chat_format = DatasetFormat.chat
-        batch_chars, batch_texts = BATCH_CHARS, BATCH_TEXTS
+        count_chars, count_texts, batch_examples = COUNT_CHARS, COUNT_TEXTS, BATCH_EXAMPLES
         for chunk in read_lines(f, self._max_line_bytes):
             number = chunk.first_line
             lines = chunk.lines
@@ -184,9 +191,12 @@ class _Validation:
                         del example
                         batch = ctx.batch
                         batch.chars += size
-                        if batch.chars >= batch_chars or len(batch.texts) >= batch_texts:
-                            pipeline.submit(batch)
-                            ctx.batch = ExampleBatch()
+                        if batch.chars >= count_chars or len(batch.texts) >= count_texts:
+                            if len(batch) < batch_examples:
+                                pipeline.count(batch)
+                            else:
+                                pipeline.submit(batch)
+                                ctx.batch = ExampleBatch()
                 number += 1
             self._lines = number - 1
             self._bytes = chunk.bytes_done
