@@ -1,6 +1,6 @@
 """The validation engine: one streaming pass over a training file, a full report at the end.
 
-`validate_file` reads the file in 1 MiB chunks (`reader`), parses each line with orjson,
+`validate_file` reads the file in 256 KiB chunks (`reader`), parses each line with orjson,
 decides the file's format from the first line that shows one (the keys `formats.detect_format`
 uses), and checks every example with that format's rules (`rules_chat`, `rules_dpo`,
 `rules_legacy`). Examples without errors go into batches whose tokens are counted by the
