@@ -9,9 +9,10 @@ statistics and cost cover those examples (an example with an error cannot be tra
 is). After the last line, the whole-file checks run and the report is assembled (`report`).
 
 Memory does not grow with the file: one line is never held beyond `max_line_bytes`, the
-batches in flight are bounded in number and characters, statistics are histograms, and
-duplicate detection keeps 16-byte hashes in capped tables. `progress(bytes_done, lines_done)`
-is called after each chunk; returning False raises `ValidationCancelled`.
+texts being counted are bounded in number and characters, at most two complete batches wait
+to be finished, statistics are histograms, and duplicate detection keeps 16-byte hashes in
+capped tables. `progress(bytes_done, lines_done)` is called after each chunk; returning False
+raises `ValidationCancelled`.
 """
 
 from __future__ import annotations
