@@ -38,8 +38,8 @@ __all__ = ["Accumulator", "ExampleBatch", "Pipeline"]
 
 # Texts are handed to the tokenizer once this many bytes of lines (or this many texts) have
 # been read since the last hand-off: large enough that per-call overheads vanish, small enough
-# that the hand-offs in flight stay a few MB (a text costs about five times its size while it
-# is counted: the string, its UTF-8 copies and its token ids).
+# that the hand-offs in flight stay a few MB (a text costs two to three times its size until
+# it is counted: the string and its UTF-8 copies).
 COUNT_CHARS: Final = 1_000_000
 COUNT_TEXTS: Final = 8_192
 # A batch's examples are summed, hashed and added to the statistics together: per-example data
