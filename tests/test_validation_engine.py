@@ -20,7 +20,7 @@ import orjson
 import pytest
 import quicktok
 
-from app.validation import pipeline
+from app.validation import engine, pipeline
 from app.validation.catalog import ModelSpec, encoding_for_model, known_models, resolve_model
 from app.validation.cost import epochs_for, price_for
 from app.validation.engine import Target, ValidationCancelled, validate_file
@@ -259,6 +259,40 @@ def test_tokens_equal_an_independent_count(tmp_path: Path) -> None:
     assert per_example["p5"] == pytest.approx(float(np.percentile(totals, 5)), abs=0.01)
     assert per_example["p95"] == pytest.approx(float(np.percentile(totals, 95)), abs=0.01)
     assert per_example["mean"] == pytest.approx(sum(totals) / len(totals), abs=0.01)
+
+
+def test_batches_counted_in_many_hand_offs_add_up_and_share_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny hand-offs and batches: an example's batch is counted in several hand-offs, and a
+    # duplicate's original was finished in an earlier batch.
+    monkeypatch.setattr(engine, "COUNT_CHARS", 500)
+    monkeypatch.setattr(engine, "BATCH_EXAMPLES", 7)
+    rng = random.Random(8)
+    words = "the fund 基金 аэропорт การปรับแต่ง 42 ,".split(" ")
+    examples = [
+        chat(i, system=i % 4 != 0, answer=" ".join(rng.choice(words) for _ in range(i % 50)))
+        for i in range(60)
+    ]
+    report = run(write(tmp_path, [*examples, examples[3], examples[58]]))
+    expected = [expected_chat_tokens(e) for e in [*examples, examples[3], examples[58]]]
+    totals = [t for t, _ in expected]
+    assert report["tokens"]["total"] == sum(totals)
+    assert report["tokens"]["trained"] == sum(t for _, t in expected)
+    per_example = report["stats"]["total_tokens_per_example"]
+    assert (per_example["min"], per_example["max"]) == (min(totals), max(totals))
+    assert per_example["median"] == pytest.approx(float(np.median(totals)), abs=0.01)
+    duplicates = issues(report, "warnings")["duplicate_examples"]["occurrences"]
+    assert [(o["line"], o["message"]) for o in duplicates] == [
+        (61, "an exact duplicate of line 4"),
+        (62, "an exact duplicate of line 59"),
+    ]
+
+
+def test_quicktok_counts_many_texts_and_a_long_one_in_several_calls() -> None:
+    texts = [f"line {i} 基金 аэропорт " * (i % 9) for i in range(1300)]
+    texts.insert(700, "x y z " * 50_000)  # past the length counted on its own
+    assert QuicktokCounter("o200k_base").count_batch(texts) == [n_tokens(t) for t in texts]
 
 
 def test_special_token_text_is_plain_text_and_dpo_counts_input_and_both_outputs(
@@ -766,3 +800,25 @@ def test_hash_table_matches_a_set_until_its_cap() -> None:
             else:
                 seen[key] = batch + 1
     assert table.size == len(seen) and not table.capped
+
+
+def test_hash_table_finds_every_key_after_growing_past_its_last_slot() -> None:
+    # Keys whose home slots are the last ones: when the table grows, they are re-placed from
+    # its end around to its start, where later lookups must still find them.
+    rng = np.random.default_rng(5)
+    table = HashTable(100_000, wide=True, value_dtype=np.uint32)
+    seen: dict[tuple[int, int], int] = {}
+    for batch in range(12):
+        keys = rng.integers(1, 2**63, size=(600, 2), dtype=np.uint64)
+        keys[:300, 0] |= np.uint64(0xFFFF)
+        if seen:
+            keys[-100:] = np.array(list(seen)[-100:], dtype=np.uint64)
+        values = np.full(600, batch + 1, dtype=np.uint32)
+        found, stored = table.insert(keys[:, 0].copy(), keys[:, 1].copy(), values)
+        for i, key in enumerate(map(tuple, keys.tolist())):
+            assert bool(found[i]) == (key in seen)
+            if found[i]:
+                assert int(stored[i]) == seen[key]
+            else:
+                seen[key] = batch + 1
+    assert table.size == len(seen) > 4096  # grew past its initial size at least once

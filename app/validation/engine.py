@@ -1,6 +1,6 @@
 """The validation engine: one streaming pass over a training file, a full report at the end.
 
-`validate_file` reads the file in 1 MiB chunks (`reader`), parses each line with orjson,
+`validate_file` reads the file in 256 KiB chunks (`reader`), parses each line with orjson,
 decides the file's format from the first line that shows one (the keys `formats.detect_format`
 uses), and checks every example with that format's rules (`rules_chat`, `rules_dpo`,
 `rules_legacy`). Examples without errors go into batches whose tokens are counted by the
@@ -9,9 +9,10 @@ statistics and cost cover those examples (an example with an error cannot be tra
 is). After the last line, the whole-file checks run and the report is assembled (`report`).
 
 Memory does not grow with the file: one line is never held beyond `max_line_bytes`, the
-batches in flight are bounded in number and characters, statistics are histograms, and
-duplicate detection keeps 16-byte hashes in capped tables. `progress(bytes_done, lines_done)`
-is called after each chunk; returning False raises `ValidationCancelled`.
+texts being counted are bounded in number and characters, at most two complete batches wait
+to be finished, statistics are histograms, and duplicate detection keeps 16-byte hashes in
+capped tables. `progress(bytes_done, lines_done)` is called after each chunk; returning False
+raises `ValidationCancelled`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from app.validation.csv_rows import count_csv_rows, is_csv_header
 from app.validation.issues import IssueLog
 from app.validation.memory import return_large_blocks_to_the_system
 from app.validation.messages import ROLES
-from app.validation.pipeline import BATCH_CHARS, BATCH_TEXTS, Accumulator, ExampleBatch, Pipeline
+from app.validation.pipeline import (
+    BATCH_EXAMPLES,
+    COUNT_CHARS,
+    COUNT_TEXTS,
+    Accumulator,
+    ExampleBatch,
+    Pipeline,
+)
 from app.validation.reader import read_lines, too_long_message
 from app.validation.report import (
     build_report,
@@ -145,7 +153,7 @@ class _Validation:
         ctx = self._ctx
         chat = self._chat.check
         chat_format = DatasetFormat.chat
-        batch_chars, batch_texts = BATCH_CHARS, BATCH_TEXTS
+        count_chars, count_texts, batch_examples = COUNT_CHARS, COUNT_TEXTS, BATCH_EXAMPLES
         for chunk in read_lines(f, self._max_line_bytes):
             number = chunk.first_line
             lines = chunk.lines
@@ -184,9 +192,12 @@ class _Validation:
                         del example
                         batch = ctx.batch
                         batch.chars += size
-                        if batch.chars >= batch_chars or len(batch.texts) >= batch_texts:
-                            pipeline.submit(batch)
-                            ctx.batch = ExampleBatch()
+                        if batch.chars >= count_chars or len(batch.texts) >= count_texts:
+                            if len(batch) < batch_examples:
+                                pipeline.count(batch)
+                            else:
+                                pipeline.submit(batch)
+                                ctx.batch = ExampleBatch()
                 number += 1
             self._lines = number - 1
             self._bytes = chunk.bytes_done

@@ -7,10 +7,11 @@ the whole batch, instead of a Python call per key; the few keys still probing af
 finish one by one. Within a batch, earlier keys win: a key equal to an earlier one in the same
 batch is reported as found, exactly as if they had been inserted one by one.
 
-The table doubles when half full, up to the size that holds `max_entries` at 3/4 full; past
-that many entries new keys are no longer stored (lookups of stored keys still work) and
-`capped` becomes True, so the report can say that duplicate detection covered only part of the
-file. Which keys make it in when a batch crosses the cap is not defined.
+The table doubles when half full (its keys are then re-placed in one pass, in the order of
+their home slots: see `_place_distinct`), up to the size that holds `max_entries` at 3/4
+full; past that many entries new keys are no longer stored (lookups of stored keys still work)
+and `capped` becomes True, so the report can say that duplicate detection covered only part of
+the file. Which keys make it in when a batch crosses the cap is not defined.
 """
 
 from __future__ import annotations
@@ -136,15 +137,24 @@ class HashTable:
             first = np.sort(first)[:room]
             self.capped = True
         winners = candidates[first]
-        keys = pending[winners]
-        target = s[winners]
-        self._hi[target] = hi[keys]
-        if lo is not None:
-            self._lo[target] = lo[keys]
-        if self._value_dtype and values is not None:
-            self._values[target] = values[keys]
-        self.size += int(first.size)
+        self._store(s[winners], pending[winners], hi, lo, values)
         keep[winners] = False
+
+    def _store(
+        self,
+        slots: npt.NDArray[Any],
+        keys: npt.NDArray[np.intp],
+        hi: U64,
+        lo: U64 | None,
+        values: npt.NDArray[Any] | None,
+    ) -> None:
+        """Put keys[i] (an index into hi, lo, values) into the empty slot slots[i]."""
+        self._hi[slots] = hi[keys]
+        if lo is not None:
+            self._lo[slots] = lo[keys]
+        if self._value_dtype and values is not None:
+            self._values[slots] = values[keys]
+        self.size += int(keys.size)
 
     def _insert_one(
         self,
@@ -194,5 +204,27 @@ class HashTable:
         del occupied
         size = self.size
         self.size = 0
-        self.insert(old_hi, old_lo, old_values)  # distinct keys: all stored, none found
+        self._place_distinct(old_hi, old_lo, old_values)
         assert self.size == size
+
+    def _place_distinct(self, hi: U64, lo: U64 | None, values: npt.NDArray[Any] | None) -> None:
+        """Fill the empty table with distinct keys, without probing round after round.
+
+        Taken in the order of their home slots, linear probing puts each key at its home slot
+        or just after the key before, whichever is later: position[i] = max(home[i],
+        position[i - 1] + 1), a running maximum. Keys that run past the last slot are
+        inserted the usual way, wrapping around.
+        """
+        homes = (hi & self._mask).astype(np.int64)
+        order = np.argsort(homes, kind="stable")
+        ranks = np.arange(order.size)
+        positions = ranks + np.maximum.accumulate(homes[order] - ranks)
+        fits = positions < self._hi.size
+        self._store(positions[fits], order[fits], hi, lo, values)
+        wrapped = order[~fits]
+        if wrapped.size:
+            self.insert(
+                hi[wrapped],
+                None if lo is None else lo[wrapped],
+                None if values is None else values[wrapped],
+            )

@@ -2,7 +2,7 @@
 
 Loop: claim the oldest queued report (or a running one whose lease expired: its worker died)
 with `FOR UPDATE SKIP LOCKED`, set a lease (`TUNEGATE_VALIDATION__LEASE`), commit; run the engine
-with no transaction open; every progress report (about every MB) writes bytes/lines done,
+with no transaction open; every progress report (at most one a second) writes bytes/lines done,
 renews the lease and reads the cancel flag in one short transaction; the outcome is written
 only while the lease is still ours. Idle workers poll every `TUNEGATE_VALIDATION__POLL_INTERVAL`.
 A report whose engine keeps failing is marked failed after three attempts.

@@ -36,6 +36,11 @@ REPLY_PRIMING_TOKENS: Final = 3
 # Texts this long are counted one by one with `count`, which builds no token array: a batch
 # call returns every token id, and one 8 MiB string can be 8 million of them (32 MB).
 _LONG_TEXT_CHARS: Final = 256 * 1024
+# Texts per call of quicktok's batch encoder. It keeps every text's token ids until the call
+# returns: for a few hundred texts they stay in the CPU's cache, and counting takes about 10 %
+# less time than in calls of thousands. Not fewer: each call takes the GIL back from the
+# parsing thread.
+_CALL_TEXTS: Final = 512
 
 
 @runtime_checkable
@@ -72,9 +77,10 @@ class QuicktokCounter:
     def count_batch(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
-        long_texts = [i for i, text in enumerate(texts) if len(text) > _LONG_TEXT_CHARS]
-        if not long_texts:
+        # The scan in C first: this runs holding the GIL, which the parsing thread needs.
+        if max(map(len, texts)) <= _LONG_TEXT_CHARS:
             return self._batch(texts)
+        long_texts = [i for i, text in enumerate(texts) if len(text) > _LONG_TEXT_CHARS]
         counts = [0] * len(texts)
         short = [i for i, text in enumerate(texts) if len(text) <= _LONG_TEXT_CHARS]
         for i, n in zip(short, self._batch([texts[i] for i in short]), strict=True):
@@ -84,10 +90,11 @@ class QuicktokCounter:
         return counts
 
     def _batch(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        _tokens, offsets = self._encoding.encode_batch(texts, self._threads, False)
-        counts: list[int] = (offsets[1:] - offsets[:-1]).tolist()
+        counts: list[int] = []
+        for start in range(0, len(texts), _CALL_TEXTS):
+            call = texts[start : start + _CALL_TEXTS]
+            _tokens, offsets = self._encoding.encode_batch(call, self._threads, False)
+            counts += (offsets[1:] - offsets[:-1]).tolist()
         return counts
 
 
