@@ -5,7 +5,8 @@ the tests know, and a judge.
   0 for one with 糟透了; its answers to anything else are the prompt echoed;
 - every other model echoes the last user message (a model that learned nothing);
 - a request whose system message is tunegate's judge instructions is judged: the answer equal
-  to the reference wins ("A" or "B"), "tie" when both or neither are.
+  to the reference wins ("A" or "B"), "tie" when both or neither are;
+- under /refuse/v1 every request is refused as OpenAI refuses a wrong key (401).
 
 `hold(after=N)` makes every answer after the next N wait until `release()` (a worker stopped
 mid-eval); `requests` counts requests per model.
@@ -25,6 +26,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from tests.server import free_port, wait_for
 
@@ -111,6 +113,12 @@ def create_app(fake: FakeLLM) -> FastAPI:
                 "total_tokens": 0,
             },
         }
+
+    @app.post("/refuse/v1/chat/completions")
+    async def refuse(request: Request) -> JSONResponse:
+        fake.requests["refused"] += 1
+        error = {"message": "Incorrect API key provided.", "type": "invalid_request_error"}
+        return JSONResponse({"error": error | {"param": None, "code": "invalid_api_key"}}, 401)
 
     return app
 

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from app.evals import judge, metrics
 from app.evals.tasks import process_one
 from app.kit.time import utcnow
-from app.models import Eval, Scope
+from app.models import Eval, Job, Scope
 from app.providers.openai import OpenAIProvider
 from app.workers.runner import WorkerContext
 from tests.conftest import make_settings
@@ -44,6 +44,8 @@ def test_token_f1_counts_shared_words_and_unspaced_characters() -> None:
     # Chinese has no spaces: each character is a word, punctuation of any script is not.
     assert metrics.token_f1("這部電影真棒。", "這部電影真棒") == 1.0
     assert metrics.token_f1("真棒", "糟透了") == 0.0
+    # Wherever the characters stand in a run of letters.
+    assert metrics.token_f1("iPhone手机", "iPhone 手机") == 1.0
 
 
 def test_normalization_labels_and_json_detection() -> None:
@@ -59,17 +61,34 @@ def test_normalization_labels_and_json_detection() -> None:
     assert metrics.score("{broken", '{"a": 2}', EXACT, json_task=True).valid_json is False
 
 
+def aggregate(answers, expected, labels=("0", "1")):
+    labels = list(labels) if labels else None
+    resamples = metrics.Resamples(len(expected))
+    return metrics.aggregate(answers, expected, labels, EXACT, False, resamples)
+
+
+def compare(model, baseline, expected):
+    resamples = metrics.Resamples(len(expected))
+    tests = metrics.compare(model, baseline, expected, ["0", "1"], EXACT, False, resamples)
+    metrics.holm([tests])
+    return tests
+
+
 def test_aggregates_have_intervals_per_label_accuracy_and_a_confusion_matrix() -> None:
     expected = ["1", "0"] * 10
     perfect = [answer(text, text) for text in expected]
-    result = metrics.aggregate(perfect, expected, ["0", "1"], EXACT, json_task=False)
-    assert result["accuracy"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
-    assert result["per_label"]["1"] == {"examples": 10, "correct": 10, "accuracy": 1.0}
+    result = aggregate(perfect, expected)
+    # Twenty right out of twenty is not certainty: Wilson's interval, not a point.
+    assert result["accuracy"]["value"] == 1.0 and result["accuracy"]["ci_method"] == "wilson"
+    assert result["accuracy"]["ci_low"] == pytest.approx(0.8389, abs=1e-3)
+    assert result["accuracy"]["ci_high"] == 1.0
+    assert result["per_label"]["1"]["correct"] == 10 and result["per_label"]["1"]["ci_low"] < 1
     assert result["confusion_matrix"]["matrix"] == [[10, 0, 0], [0, 10, 0]]
+    assert result["f1"]["ci_method"] == "bootstrap"
 
     # Always "1": half right; "0" examples land in the "1" column; a failure is "(other)".
     always_one = [answer("1", text) for text in expected[:-1]] + [answer(None, "0")]
-    mixed = metrics.aggregate(always_one, expected, ["0", "1"], EXACT, json_task=False)
+    mixed = aggregate(always_one, expected)
     assert mixed["accuracy"]["value"] == 0.5
     assert mixed["accuracy"]["ci_low"] < 0.5 < mixed["accuracy"]["ci_high"]
     assert mixed["per_label"]["0"]["accuracy"] == 0.0 and mixed["errors"] == 1
@@ -82,22 +101,40 @@ def test_a_paired_difference_is_better_only_beyond_noise() -> None:
     expected = ["1", "0"] * 15
     perfect = [answer(text, text) for text in expected]
     echo = [answer("x", text) for text in expected]
-    differences = metrics.compare(perfect, echo, expected, ["0", "1"], EXACT, json_task=False)
+    differences = compare(perfect, echo, expected)
     assert differences["accuracy"]["verdict"] == "better"
     assert differences["accuracy"]["difference"] == 1.0
-    reverse = metrics.compare(echo, perfect, expected, ["0", "1"], EXACT, json_task=False)
-    assert reverse["accuracy"]["verdict"] == "worse"
-    # One example apart in thirty: not beyond noise.
-    almost = [answer(text, text) for text in expected[:-1]] + [answer("x", "0")]
-    close = metrics.compare(almost, perfect, expected, ["0", "1"], EXACT, json_task=False)
+    assert differences["accuracy"]["p_value"] < 1e-6
+    assert compare(echo, perfect, expected)["accuracy"]["verdict"] == "worse"
+    # Four examples apart in thirty: the bootstrap interval excludes 0, yet the exact test
+    # (McNemar: four disagreements, all one way, p = 0.125) does not call it.
+    four = [answer(text, text) for text in expected[:4]] + echo[4:]
+    close = compare(four, echo, expected)
+    assert close["accuracy"]["ci_low"] > 0 and close["accuracy"]["p_value"] == 0.125
     assert close["accuracy"]["verdict"] == "no_significant_difference"
-    assert close["accuracy"]["ci_low"] < 0 <= close["accuracy"]["ci_high"]
+    # One example: nothing can be better.
+    assert compare(perfect[:1], echo[:1], expected[:1])["accuracy"]["verdict"] == (
+        "no_significant_difference"
+    )
+
+
+def test_p_values_are_adjusted_for_the_models_compared() -> None:
+    tests = [{"accuracy": {"difference": 0.2, "p_value": p}} for p in (0.01, 0.04, 0.03)]
+    metrics.holm(tests)
+    adjusted = [t["accuracy"]["p_value_adjusted"] for t in tests]
+    assert adjusted == [0.03, 0.06, 0.06]  # Holm: 3 x 0.01, then max(2 x 0.03, ...), ...
+    assert [t["accuracy"]["verdict"] for t in tests] == [
+        "better",
+        "no_significant_difference",
+        "no_significant_difference",
+    ]
 
 
 def test_the_judge_counts_a_win_only_when_both_orders_agree() -> None:
     assert judge.parse_verdict("B") == "B"
     assert judge.parse_verdict("Answer: A. It is more accurate.") == "A"
     assert judge.parse_verdict("tie") == "tie"
+    assert judge.parse_verdict("A tie.") == "tie"
     assert judge.parse_verdict("I cannot decide") is None
     assert judge.outcome("B", "A") == "win"  # the model preferred in both positions
     assert judge.outcome("A", "B") == "loss"
@@ -223,7 +260,7 @@ async def test_an_eval_compares_models_with_intervals_and_a_judge(
     assert results["task"] == "classification" and results["labels"] == ["0", "1"]
     assert results["skipped_lines"] == 1
     good, base = results["models"][GOOD_MODEL], results["models"][BASE]
-    assert good["accuracy"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    assert good["accuracy"]["value"] == 1.0 and good["accuracy"]["ci_low"] > 0.85
     assert base["accuracy"]["value"] == 0.0
     assert good["confusion_matrix"]["matrix"] == [[15, 0, 0], [0, 15, 0]]
     assert base["confusion_matrix"]["matrix"] == [[0, 0, 15], [0, 0, 15]]
@@ -255,7 +292,9 @@ async def test_an_eval_compares_models_with_intervals_and_a_judge(
     }
     rest = (await api.get(f"/v1/evals/{eval_id}/results", params={"after": "3"})).json()
     assert rest["data"][0]["example"] == 4
-    assert_envelope(await api.get(f"/v1/evals/{eval_id}/results", params={"after": "x"}), 422)
+    for cursor in ("x", "²", "99999999999"):
+        bad = await api.get(f"/v1/evals/{eval_id}/results", params={"after": cursor})
+        assert_envelope(bad, 422)
 
 
 async def test_a_stopped_evaluator_is_resumed_without_asking_again_and_cancel_stops_it(
@@ -297,3 +336,102 @@ async def test_a_stopped_evaluator_is_resumed_without_asking_again_and_cancel_st
     assert await running
     cancelled = (await api.get(f"/v1/evals/{second}")).json()
     assert cancelled["status"] == "cancelled" and cancelled["results"] is None
+
+
+async def test_three_models_each_keep_their_judge_verdicts_and_aliases_are_pinned(
+    api, app_factory, provider, fake_llm
+) -> None:
+    held_out = await upload(api, sentiment_jsonl(FILMS[:5]))
+    # An alias is evaluated as the model it names when the eval is created.
+    alias = await api.post("/v1/model_aliases", json={"name": "prod", "model": GOOD_MODEL})
+    assert alias.status_code == 200, alias.text
+    created = await api.post(
+        "/v1/evals",
+        json={
+            "models": [BASE, "prod", "gpt-4o-2024-08-06"],
+            "file": held_out,
+            "judge": {"model": JUDGE, "rubric": "The right sentiment label."},
+        },
+    )
+    assert created.status_code == 200, created.text
+    eval_id = created.json()["id"]
+    switched = await api.patch("/v1/model_aliases/prod", json={"model": BASE})
+    assert switched.status_code == 200
+    assert await process_one(worker_for(app_factory), {"openai": provider}, app_factory.storage())
+    results = (await api.get(f"/v1/evals/{eval_id}")).json()["results"]
+    assert results["models"]["prod"]["accuracy"]["value"] == 1.0  # GOOD_MODEL's answers
+    judged = {c["model"]: c for c in results["judge"]["comparisons"]}
+    assert judged["prod"]["wins"] == 10 and judged["prod"]["invalid"] == 0
+    assert judged["gpt-4o-2024-08-06"]["ties"] == 10  # two echoes: neither is the label
+    page = (await api.get(f"/v1/evals/{eval_id}/results")).json()["data"]
+    assert all(set(item["judge"]) == {"prod", "gpt-4o-2024-08-06"} for item in page)
+
+    split = await api.post(
+        "/v1/model_aliases", json={"name": "ab", "models": {GOOD_MODEL: 50, BASE: 50}}
+    )
+    assert split.status_code == 200, split.text
+    refused = await api.post("/v1/evals", json={"models": [BASE, "ab"], "file": held_out})
+    assert assert_envelope(refused, 400, "split_alias")["param"] == "models[1]"
+
+
+async def test_a_model_that_fails_every_request_fails_the_eval(api, app_factory, fake_llm) -> None:
+    held_out = await upload(api, sentiment_jsonl(FILMS[:10]))
+    created = await api.post("/v1/evals", json={"models": [BASE, GOOD_MODEL], "file": held_out})
+    eval_id = created.json()["id"]
+    # The provider refuses tunegate's credentials on every request (a fault that will not pass).
+    refusing = OpenAIProvider(api_key="sk-refused", base_url=f"{fake_llm.base_url}/refuse/v1")
+    try:
+        assert await process_one(
+            worker_for(app_factory), {"openai": refusing}, app_factory.storage()
+        )
+    finally:
+        await refusing.aclose()
+    failed = (await api.get(f"/v1/evals/{eval_id}")).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "model_failed"
+    assert failed["progress"]["completions_done"] < 20  # it stopped early
+
+
+async def test_evaluate_needs_supervised_chat_data_and_a_deleted_eval_unlinks_its_job(
+    client_for, session, factories
+) -> None:
+    credentials = await factories.key(scope=Scope.write)
+    api = client_for(credentials.key)
+    training = await upload(api, sentiment_jsonl(), "train.jsonl")
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}
+    body = {"model": BASE, "training_file": training, "validation_file": training}
+    refused = await api.post("/v1/fine_tuning/jobs", json=body | {"evaluate": True, "method": dpo})
+    assert assert_envelope(refused, 422)["param"] == "evaluate"
+
+    # An eval a job made, deleted: the job no longer names it.
+    job = Job(
+        id="ftjob-evaldeleted0000000001",
+        project_id=credentials.project.id,
+        provider="openai",
+        model=BASE,
+        training_file=training,
+        validation_file=training,
+        method={"type": "supervised"},
+        hyperparameters={},
+        status="succeeded",
+        result_files=[],
+        submit_attempts=0,
+        evaluate=True,
+    )
+    session.add(job)
+    await session.flush()
+    row = Eval(
+        id="eval_deletedjob000000000001",
+        project_id=credentials.project.id,
+        models=[BASE, GOOD_MODEL],
+        file_id=training,
+        fine_tuning_job_id=job.id,
+        config={},
+        status="succeeded",
+    )
+    session.add(row)
+    job.eval_id = row.id
+    await session.commit()
+    linked = (await api.get(f"/v1/fine_tuning/jobs/{job.id}")).json()
+    assert linked["eval_id"] == row.id and linked["evaluate"] is True
+    assert (await api.delete(f"/v1/evals/{row.id}")).json()["deleted"] is True
+    assert (await api.get(f"/v1/fine_tuning/jobs/{job.id}")).json()["eval_id"] is None

@@ -23,7 +23,6 @@ from app.evals.schemas import (
     EvalObject,
     EvalResultObject,
 )
-from app.kit.errors import InvalidPayload
 from app.kit.http import ERROR_RESPONSES, JSONRoute
 from app.kit.pagination import MAX_LIMIT, ListPage, PageParams, page_params, to_page
 from app.models import Eval, EvalExample, EvalResult
@@ -71,15 +70,16 @@ async def list_eval_results(
     session: SessionDep,
     after: Annotated[
         str | None,
-        Query(max_length=16, description="An example index from a previous page (its `id`)."),
+        Query(
+            pattern=r"^[0-9]{1,9}$",
+            description="An example index from a previous page (its `id`).",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
 ) -> ListPage[EvalResultObject]:
     """Every example in file order: prompt, expected answer, each model's answer and scores,
     and the judge's verdicts."""
     row = await service.get_eval(session, principal.project_id, eval_id)
-    if after is not None and not after.isdigit():
-        raise InvalidPayload("`after` is an example index from a previous page.", param="after")
     repository = EvalRepository(session, principal.project_id)
     examples, has_more = await repository.examples_page(
         eval_id, int(after) if after is not None else None, limit

@@ -56,8 +56,10 @@ def judge_messages(
 
 def parse_verdict(reply: str | None) -> Verdict | None:
     """The verdict at the start of the judge's reply, or None when it names none."""
-    for word in _WORD.findall(reply or "")[:8]:
-        word = word.lower()
+    words = [word.lower() for word in _WORD.findall(reply or "")[:8]]
+    if any(word in ("tie", "draw") for word in words[:3]):
+        return "tie"  # "A tie.", "It's a tie"
+    for word in words:
         if word not in _PREAMBLE:
             return _VERDICTS.get(word)
     return None

@@ -6,16 +6,22 @@ white space; each CJK, Thai or other unspaced character is a word of its own, so
 answers are not one giant token), and, when the expected answers are JSON, whether the answer
 parses as JSON.
 
-Per model: every rate with a 95 % percentile-bootstrap interval (examples resampled with
-replacement, `BOOTSTRAP_RESAMPLES` times, from a fixed seed, so one eval always reports the same
-interval); per pair of models, the difference on the same examples with a paired bootstrap
-interval, so "better" means an interval that excludes 0. When the expected answers are a small
+Per model: every rate with a 95 % interval: Wilson's score interval for right/wrong rates
+(exact match, accuracy, JSON validity: a percentile bootstrap collapses to a point when every
+answer is right) and the percentile bootstrap for F1 (examples resampled with replacement,
+`BOOTSTRAP_RESAMPLES` times, from a fixed seed, so one eval always reports the same interval).
+Per model compared with the baseline, on the same examples: the difference with its paired
+bootstrap interval, and a paired sign-flip permutation test (on right/wrong answers, the
+exact McNemar test) whose p-values are adjusted across the models compared (Holm); "better"
+means significant at 5 % after that adjustment, not a point estimate that happens to be
+higher. When the expected answers are a small
 set of labels (classification, e.g. sentiment 1/0) also: accuracy per label and a confusion
 matrix (expected label x answered label, anything else answered counting as `(other)`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -114,19 +120,25 @@ def _words(text: str) -> list[str]:
     text = _ARTICLES.sub(" ", text)
     words: list[str] = []
     for run in _WORD.findall(text):
-        if _unspaced(run):
-            words.extend(run)  # one word per character
-        else:
-            words.append(run)
+        word = ""
+        for ch in run:
+            if _unspaced(ch):  # one word per character, wherever it stands in the run
+                if word:
+                    words.append(word)
+                    word = ""
+                words.append(ch)
+            else:
+                word += ch
+        if word:
+            words.append(word)
     return words
 
 
-def _unspaced(run: str) -> bool:
+def _unspaced(ch: str) -> bool:
     """Scripts written without spaces between words (Han, Kana, Thai, Lao, Khmer, Myanmar)."""
-    first = run[0]
-    if first.isascii():
+    if ch.isascii():
         return False
-    name = unicodedata.name(first, "")
+    name = unicodedata.name(ch, "")
     return name.startswith(("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR"))
 
 
@@ -145,28 +157,65 @@ def token_f1(output: str, expected: str) -> float:
 # -- aggregates --------------------------------------------------------------------------------
 
 Floats = npt.NDArray[np.float64]
+_Z: Final = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 
 
-def _resamples(n: int) -> npt.NDArray[np.intp]:
-    """The same resampled index sets for every metric and model of an eval (paired)."""
-    rng = np.random.default_rng(SEED)
-    return rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+# Resampled index sets are drawn this many at a time: memory stays at a few MB per 10,000
+# examples however many resamples there are.
+_RESAMPLE_CHUNK: Final = 200
 
 
-def _interval(values: Floats, resamples: npt.NDArray[np.intp]) -> dict[str, float]:
-    """Mean of `values` with its percentile-bootstrap interval."""
-    means = values[resamples].mean(axis=1)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return {
-        "value": _round(float(values.mean())),
-        "ci_low": _round(float(low)),
-        "ci_high": _round(float(high)),
-    }
+class Resamples:
+    """The bootstrap resamples of one eval's examples. Every call draws the same index sets
+    (one seed), so a model's and the baseline's resamples are paired, metric by metric."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def interval(self, values: Floats) -> tuple[float, float]:
+        rng = np.random.default_rng(SEED)
+        means = np.concatenate(
+            [
+                values[rng.integers(0, self.n, size=(_RESAMPLE_CHUNK, self.n))].mean(axis=1)
+                for _ in range(BOOTSTRAP_RESAMPLES // _RESAMPLE_CHUNK)
+            ]
+        )
+        tail = (1 - CONFIDENCE) / 2 * 100
+        low, high = np.percentile(means, [tail, 100 - tail])
+        return float(low), float(high)
 
 
 def _round(value: float) -> float:
     return round(value, 6)
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's score interval of a proportion: unlike the bootstrap's, it does not shrink to
+    a point when every answer is right (20 of 20 -> [0.84, 1])."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = p + _Z**2 / (2 * n)
+    spread = _Z * np.sqrt(p * (1 - p) / n + _Z**2 / (4 * n * n))
+    divisor = 1 + _Z**2 / n
+    return max(0.0, (centre - spread) / divisor), min(1.0, (centre + spread) / divisor)
+
+
+def _estimate(values: Floats, resamples: Resamples, binary: bool) -> dict[str, Any]:
+    """A mean with its 95 % interval: Wilson's for right/wrong rates, the percentile
+    bootstrap's for graded scores (F1)."""
+    if binary:
+        low, high = wilson(int(values.sum()), len(values))
+        method = "wilson"
+    else:
+        low, high = resamples.interval(values)
+        method = "bootstrap"
+    return {
+        "value": _round(float(values.mean())),
+        "ci_low": _round(low),
+        "ci_high": _round(high),
+        "ci_method": method,
+    }
 
 
 def _distribution(values: list[int]) -> dict[str, float] | None:
@@ -182,7 +231,8 @@ def _distribution(values: list[int]) -> dict[str, float] | None:
 
 @dataclass(frozen=True)
 class Answer:
-    """One model's scored answer to one example (None fields: the request failed)."""
+    """One model's scored answer to one example (`output` None: the request failed, which
+    scores as a wrong answer)."""
 
     output: str | None
     exact_match: bool
@@ -193,7 +243,16 @@ class Answer:
     completion_tokens: int | None
 
 
-def _rates(answers: Sequence[Answer], json_task: bool) -> dict[str, Floats]:
+_BINARY: Final = frozenset({"exact_match", "accuracy", "json_valid"})
+
+
+def _rates(
+    answers: Sequence[Answer],
+    expected: Sequence[str],
+    labels: list[str] | None,
+    normalize: Normalization,
+    json_task: bool,
+) -> dict[str, Floats]:
     """Per example 1/0 (or F1) arrays of each rate metric; a failed request scores 0."""
     rates = {
         "exact_match": np.asarray([a.exact_match for a in answers], dtype=np.float64),
@@ -201,6 +260,12 @@ def _rates(answers: Sequence[Answer], json_task: bool) -> dict[str, Floats]:
     }
     if json_task:
         rates["json_valid"] = np.asarray([bool(a.valid_json) for a in answers], dtype=np.float64)
+    if labels is not None:
+        truth = [normalize(text) for text in expected]
+        guesses = [predicted_label(a.output, labels, normalize) for a in answers]
+        rates["accuracy"] = np.asarray(
+            [g == t for g, t in zip(guesses, truth, strict=True)], dtype=np.float64
+        )
     return rates
 
 
@@ -217,48 +282,80 @@ def aggregate(
     labels: list[str] | None,
     normalize: Normalization,
     json_task: bool,
+    resamples: Resamples,
 ) -> dict[str, Any]:
     """One model's aggregates over every example (answers[i] answers expected[i])."""
-    n = len(answers)
-    resamples = _resamples(n)
     result: dict[str, Any] = {
-        "examples": n,
+        "examples": len(answers),
         "errors": sum(a.output is None for a in answers),
     }
-    for name, values in _rates(answers, json_task).items():
-        result[name] = _interval(values, resamples)
+    for name, values in _rates(answers, expected, labels, normalize, json_task).items():
+        result[name] = _estimate(values, resamples, name in _BINARY)
     if labels is not None:
         expected_labels = [normalize(text) for text in expected]
         predicted = [predicted_label(a.output, labels, normalize) for a in answers]
-        correct = np.asarray([p == e for p, e in zip(predicted, expected_labels, strict=True)])
-        result["accuracy"] = _interval(correct.astype(np.float64), resamples)
         result["per_label"] = {
-            label: _label_accuracy(correct, expected_labels, label) for label in labels
+            label: _label_accuracy(predicted, expected_labels, label) for label in labels
         }
         columns = [*labels, OTHER_LABEL]
         matrix = [[0] * len(columns) for _ in labels]
         for truth, guess in zip(expected_labels, predicted, strict=True):
             matrix[labels.index(truth)][columns.index(guess)] += 1
         result["confusion_matrix"] = {"labels": labels, "columns": columns, "matrix": matrix}
+    answered = [a for a in answers if a.output is not None]
     result["latency_ms"] = _distribution(
-        [a.latency_ms for a in answers if a.latency_ms is not None]
+        [a.latency_ms for a in answered if a.latency_ms is not None]
     )
     result["tokens"] = {
-        "prompt": _distribution([a.prompt_tokens for a in answers if a.prompt_tokens is not None]),
+        "prompt": _distribution([a.prompt_tokens for a in answered if a.prompt_tokens is not None]),
         "completion": _distribution(
-            [a.completion_tokens for a in answers if a.completion_tokens is not None]
+            [a.completion_tokens for a in answered if a.completion_tokens is not None]
         ),
     }
     return result
 
 
-def _label_accuracy(
-    correct: npt.NDArray[np.bool_], expected_labels: list[str], label: str
-) -> dict[str, Any]:
-    mask = np.asarray([e == label for e in expected_labels])
-    n = int(mask.sum())
-    right = int(correct[mask].sum())
-    return {"examples": n, "correct": right, "accuracy": _round(right / n) if n else None}
+def _label_accuracy(predicted: list[str], expected_labels: list[str], label: str) -> dict[str, Any]:
+    n = sum(e == label for e in expected_labels)
+    right = sum(p == e == label for p, e in zip(predicted, expected_labels, strict=True))
+    low, high = wilson(right, n)
+    return {
+        "examples": n,
+        "correct": right,
+        "accuracy": _round(right / n) if n else None,
+        "ci_low": _round(low) if n else None,
+        "ci_high": _round(high) if n else None,
+    }
+
+
+# Paired sign-flip permutation test: random flips of the per-example differences' signs.
+PERMUTATIONS: Final = 10_000
+SIGNIFICANCE: Final = 0.05
+
+
+def paired_p_value(differences: Floats) -> float:
+    """Two-sided p-value of "the mean difference is 0" by flipping each example's difference
+    at random (exact for the data, no normality assumed; on right/wrong answers it is the
+    exact McNemar test: only examples where the models disagree count)."""
+    nonzero = differences[differences != 0]
+    if nonzero.size == 0:
+        return 1.0
+    if np.all(np.abs(nonzero) == 1):  # right/wrong answers: the exact sign test (McNemar)
+        wins = int((nonzero > 0).sum())
+        return _sign_test(min(wins, nonzero.size - wins), nonzero.size)
+    observed = abs(float(nonzero.sum())) - 1e-12
+    rng = np.random.default_rng(SEED)
+    extreme = 0
+    for _ in range(PERMUTATIONS // _RESAMPLE_CHUNK):
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(_RESAMPLE_CHUNK, nonzero.size))
+        extreme += int((np.abs(signs @ nonzero) >= observed).sum())
+    return (1 + extreme) / (PERMUTATIONS + 1)
+
+
+def _sign_test(fewer: int, n: int) -> float:
+    """Two-sided exact binomial test of `fewer` successes out of `n` at probability 1/2."""
+    tail = float(sum(math.comb(n, k) for k in range(fewer + 1))) / float(2**n)
+    return min(1.0, 2 * tail)
 
 
 def compare(
@@ -268,36 +365,51 @@ def compare(
     labels: list[str] | None,
     normalize: Normalization,
     json_task: bool,
+    resamples: Resamples,
 ) -> dict[str, dict[str, Any]]:
-    """Per metric: model minus baseline on the same examples, with a paired bootstrap interval
-    and a verdict (`better`, `worse`, or `no_significant_difference`)."""
-    resamples = _resamples(len(expected))
-    ours, theirs = _rates(model, json_task), _rates(baseline, json_task)
-    if labels is not None:
-        truth = [normalize(text) for text in expected]
-        for rates, answers in ((ours, model), (theirs, baseline)):
-            guesses = [predicted_label(a.output, labels, normalize) for a in answers]
-            rates["accuracy"] = np.asarray(
-                [g == t for g, t in zip(guesses, truth, strict=True)], dtype=np.float64
-            )
+    """Per metric: model minus baseline on the same examples, the paired bootstrap interval
+    of that difference and the p-value of the paired test. The verdict (`better`, `worse`,
+    `no_significant_difference`) is the test's, at 5 %, once `holm` has adjusted the p-values
+    for the number of models compared; `compare` fills in the unadjusted one."""
+    ours = _rates(model, expected, labels, normalize, json_task)
+    theirs = _rates(baseline, expected, labels, normalize, json_task)
     differences: dict[str, dict[str, Any]] = {}
     for name in ours:
-        interval = _interval(ours[name] - theirs[name], resamples)
-        verdict = "no_significant_difference"
-        if interval["ci_low"] > 0:
-            verdict = "better"
-        elif interval["ci_high"] < 0:
-            verdict = "worse"
-        differences[name] = {"difference": interval["value"], **_ci(interval), "verdict": verdict}
+        delta = ours[name] - theirs[name]
+        low, high = resamples.interval(delta)
+        differences[name] = {
+            "difference": _round(float(delta.mean())),
+            "ci_low": _round(low),
+            "ci_high": _round(high),
+            "p_value": _round(paired_p_value(delta)),
+        }
     return differences
 
 
-def _ci(interval: dict[str, float]) -> dict[str, float]:
-    return {"ci_low": interval["ci_low"], "ci_high": interval["ci_high"]}
+def holm(comparisons: list[dict[str, dict[str, Any]]]) -> None:
+    """Adjust each metric's p-values across the models compared with the baseline (Holm's
+    step-down method) and set the verdicts from the adjusted values."""
+    metrics_seen = {name for comparison in comparisons for name in comparison}
+    for name in metrics_seen:
+        tests = sorted(
+            (c[name] for c in comparisons if name in c), key=lambda test: test["p_value"]
+        )
+        running = 0.0
+        for rank, test in enumerate(tests):
+            running = max(running, min(1.0, (len(tests) - rank) * test["p_value"]))
+            test["p_value_adjusted"] = _round(running)
+            significant = running < SIGNIFICANCE
+            test["verdict"] = (
+                "no_significant_difference"
+                if not significant or test["difference"] == 0
+                else ("better" if test["difference"] > 0 else "worse")
+            )
 
 
-def primary_metric(labels: list[str] | None, json_task: bool) -> str:
-    """What "better" is judged by: accuracy for labels, JSON validity for JSON, else F1."""
-    if labels is not None:
-        return "accuracy"
-    return "json_valid" if json_task else "f1"
+def primary_metric(labels: list[str] | None, json_task: bool, wanted: set[str]) -> str | None:
+    """What "better" is judged by, among the metrics asked for: accuracy for labels, JSON
+    validity for JSON, else F1 (then exact match)."""
+    preferred = ["accuracy"] if labels is not None else []
+    preferred += ["json_valid"] if json_task else []
+    preferred += ["f1", "exact_match"]
+    return next((name for name in preferred if name in wanted), None)

@@ -4,14 +4,23 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import cast, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 
 from app.db.repository import ProjectScopedRepository, Repository
-from app.models import Eval, EvalExample, EvalResult
+from app.models import Eval, EvalExample, EvalResult, Job
 
 
 class EvalRepository(ProjectScopedRepository[Eval]):
     model = Eval
+
+    async def unlink_job(self, job_id: str, eval_id: str) -> None:
+        """The job no longer names a deleted eval as its evaluation."""
+        await self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.project_id == self.project_id, Job.eval_id == eval_id)
+            .values(eval_id=None)
+        )
 
     async def examples_page(
         self, eval_id: str, after: int | None, limit: int
@@ -112,10 +121,14 @@ class EvalQueue(Repository[Eval]):
             await self.session.scalars(select(EvalResult).where(EvalResult.eval_id == eval_id))
         ).all()
 
-    async def set_judge(self, eval_id: str, verdicts: dict[int, dict[str, Any]]) -> None:
+    async def add_verdicts(self, eval_id: str, verdicts: dict[int, dict[str, Any]]) -> None:
+        """Merge the judge's verdicts (per compared model) into each example's."""
         for example, verdict in verdicts.items():
+            merged = func.coalesce(EvalExample.judge, cast({}, JSONB)).op("||")(
+                cast(verdict, JSONB)
+            )
             await self.session.execute(
                 update(EvalExample)
                 .where(EvalExample.eval_id == eval_id, EvalExample.example == example)
-                .values(judge=verdict)
+                .values(judge=merged)
             )

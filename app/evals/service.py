@@ -52,26 +52,43 @@ def _not_found(eval_id: str) -> NotFound:
     return NotFound(f"No eval with id '{eval_id}'.", param="eval_id", code="eval_not_found")
 
 
-async def _check_model(
+async def _pinned_model(
     session: AsyncSession, configured: set[str], project_id: str, model: str, param: str
-) -> None:
-    """`model` is something chat completions would route for this project (an alias too)."""
-    if ":" not in model and await AliasRepository(session, project_id).get(model) is not None:
-        return
+) -> str:
+    """The model `model` stands for, checked as chat completions would route it for this
+    project: itself, or an alias's model now (an eval compares models, not names that may be
+    switched while it runs). An alias that splits traffic is refused: name its models."""
+    target = model
+    if ":" not in model:
+        alias = await AliasRepository(session, project_id).get(model)
+        if alias is not None:
+            if alias.weights and len(alias.weights) > 1:
+                raise BadRequest(
+                    f"The alias '{model}' splits traffic between {len(alias.weights)} models; "
+                    "evaluate them by their own ids.",
+                    param=param,
+                    code="split_alias",
+                )
+            target = alias.model
     try:
-        await inference.check_target(session, configured, project_id, model)
+        await inference.check_target(session, configured, project_id, target)
     except NotFound as exc:
         exc.param = param
         raise
+    return target
 
 
 async def create_eval(
     session: AsyncSession, configured: set[str], project_id: str, body: EvalCreate
 ) -> Eval:
+    targets = {}
     for index, model in enumerate(body.models):
-        await _check_model(session, configured, project_id, model, f"models[{index}]")
+        targets[model] = await _pinned_model(
+            session, configured, project_id, model, f"models[{index}]"
+        )
     if body.judge is not None:
-        await _check_model(session, configured, project_id, body.judge.model, "judge.model")
+        judge = body.judge.model
+        targets[judge] = await _pinned_model(session, configured, project_id, judge, "judge.model")
     try:
         file = await get_file(session, project_id, body.file)
     except NotFound:
@@ -87,6 +104,8 @@ async def create_eval(
         )
     config = body.model_dump(include={"normalize", "judge", "max_examples", "max_tokens"})
     config |= {"metrics": body.metrics or list(METRICS), "temperature": body.temperature}
+    # Only aliases are written down: a model id stands for itself.
+    config["targets"] = {name: model for name, model in targets.items() if name != model}
     row = Eval(
         id=new_id(EVAL_ID_PREFIX),
         name=body.name,
@@ -166,6 +185,8 @@ async def delete_eval(session: AsyncSession, project_id: str, eval_id: str) -> N
         raise Conflict(
             "The eval is still running; cancel it first.", param="eval_id", code="eval_running"
         )
+    if row.fine_tuning_job_id is not None:
+        await EvalRepository(session, project_id).unlink_job(row.fine_tuning_job_id, eval_id)
     await session.delete(row)
 
 
@@ -241,7 +262,7 @@ def summarize(
     row: Eval, examples: Sequence[EvalExample], results: Sequence[EvalResult], skipped: int
 ) -> dict[str, Any]:
     """The eval's `results`: aggregates per model, comparisons with the baseline (the first
-    model), the judge's rates and a one-line verdict."""
+    model), the judge's rates and a one-line verdict. CPU work: run it in a thread."""
     config = row.config
     normalize = metrics.Normalization(**config.get("normalize", {}))
     wanted = set(config.get("metrics") or METRICS)
@@ -256,7 +277,15 @@ def summarize(
         for model in row.models
     }
     baseline = row.models[0]
-    primary = metrics.primary_metric(labels, json_task)
+    resamples = metrics.Resamples(len(examples))
+    comparisons = [
+        metrics.compare(
+            answers[model], answers[baseline], expected, labels, normalize, json_task, resamples
+        )
+        for model in row.models[1:]
+    ]
+    metrics.holm(comparisons)
+    primary = metrics.primary_metric(labels, json_task, wanted)
     summary: dict[str, Any] = {
         "examples": len(examples),
         "skipped_lines": skipped,
@@ -266,19 +295,16 @@ def summarize(
         "baseline": baseline,
         "models": {
             model: _wanted(
-                metrics.aggregate(answers[model], expected, labels, normalize, json_task), wanted
+                metrics.aggregate(
+                    answers[model], expected, labels, normalize, json_task, resamples
+                ),
+                wanted,
             )
             for model in row.models
         },
         "comparisons": [
-            {
-                "model": model,
-                "baseline": baseline,
-                "metrics": metrics.compare(
-                    answers[model], answers[baseline], expected, labels, normalize, json_task
-                ),
-            }
-            for model in row.models[1:]
+            {"model": model, "baseline": baseline, "metrics": _wanted(tests, wanted)}
+            for model, tests in zip(row.models[1:], comparisons, strict=True)
         ],
         "judge": _judge_summary(row, examples),
     }
@@ -327,17 +353,29 @@ def _judge_summary(row: Eval, examples: Sequence[EvalExample]) -> dict[str, Any]
         comparisons.append(
             {"model": model, "baseline": row.models[0], **judging.summarize(outcomes)}
         )
+        valid = sum(outcome != "invalid" for outcome in outcomes)
+        wins = sum(outcome == "win" for outcome in outcomes)
+        low, high = metrics.wilson(wins, valid)
+        comparisons[-1]["win_rate_ci"] = [round(low, 6), round(high, 6)] if valid else None
     return {"model": judge["model"], "rubric": judge["rubric"], "comparisons": comparisons}
 
 
-def _verdict(summary: dict[str, Any], primary: str) -> str:
+# Above this share of failed requests a model's comparison says so: failures score as wrong
+# answers, so its numbers describe its availability as much as its answers.
+ERROR_RATE_WARNING: Final = 0.05
+
+
+def _verdict(summary: dict[str, Any], primary: str | None) -> str:
+    if primary is None:
+        return ""
     baseline = summary["baseline"]
-    base_value = summary["models"][baseline].get(primary, {}).get("value")
+    aggregates = summary["models"]
+    base_value = aggregates[baseline].get(primary, {}).get("value")
     sentences = []
     for comparison in summary["comparisons"]:
         model = comparison["model"]
         difference = comparison["metrics"].get(primary)
-        value = summary["models"][model].get(primary, {}).get("value")
+        value = aggregates[model].get(primary, {}).get("value")
         if difference is None or value is None or base_value is None:
             continue
         relation = {
@@ -348,8 +386,16 @@ def _verdict(summary: dict[str, Any], primary: str) -> str:
         sentences.append(
             f"{model} {relation} {baseline} on {primary}: {_shown(value)} vs "
             f"{_shown(base_value)} (difference {_signed(difference['difference'])}, 95 % CI "
-            f"{_signed(difference['ci_low'])} to {_signed(difference['ci_high'])})."
+            f"{_signed(difference['ci_low'])} to {_signed(difference['ci_high'])}, "
+            f"p = {difference['p_value_adjusted']:.3g})."
         )
+    for model, aggregate in aggregates.items():
+        errors, n = aggregate["errors"], aggregate["examples"]
+        if n and errors / n > ERROR_RATE_WARNING:
+            sentences.append(
+                f"Caution: {model} failed to answer {errors} of {n} examples; failures count "
+                "as wrong answers."
+            )
     return " ".join(sentences)
 
 

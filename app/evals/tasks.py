@@ -80,22 +80,24 @@ class _Failed(Exception):
 class _Reply:
     output: str | None
     error: str | None
-    latency_ms: int
+    latency_ms: int  # of the attempt that answered (or failed last), not the retries' waits
     prompt_tokens: int | None
     completion_tokens: int | None
+    retryable: bool = False  # the failure was a passing one (429, 5xx, timeout)
 
 
 async def ask(provider: Provider, payload: dict[str, Any], wait_seconds: float) -> _Reply:
     """One chat completion, retried on passing failures; its text, or the error."""
-    started = time.perf_counter()
     for attempt in range(RETRIES + 1):
+        started = time.perf_counter()
         try:
             answer = await provider.chat_completion(payload, wait_seconds=wait_seconds)
         except ProviderError as exc:
             if exc.retryable and attempt < RETRIES:
                 await asyncio.sleep(min(30.0, exc.retry_after or 2.0**attempt))
                 continue
-            return _Reply(None, str(exc) or type(exc).__name__, _ms(started), None, None)
+            error = str(exc) or type(exc).__name__
+            return _Reply(None, error, _ms(started), None, None, retryable=exc.retryable)
         usage = answer.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         return _Reply(
@@ -125,8 +127,13 @@ def _text_of(answer: dict[str, Any]) -> str:
     return ""
 
 
+# A model whose first answers all fail for a reason that will not pass (gone, refused, not
+# allowed) fails the eval instead of scoring a column of errors.
+FAIL_FAST_AFTER: Final = 5
+
+
 class EvalRun:
-    """One claimed eval, run to its end (or until cancelled or taken over)."""
+    """One claimed eval, run to its end (or until cancelled, failed or taken over)."""
 
     def __init__(
         self,
@@ -147,24 +154,42 @@ class EvalRun:
         self.config = dict(claimed.config)
         self.file_id = claimed.file_id
         self.examples_count = claimed.examples
-        self.done = claimed.completions_done
+        self.written = claimed.completions_done
         self.lease = lease
         self.pending_results: list[dict[str, Any]] = []
         self.pending_verdicts: dict[int, dict[str, Any]] = {}
         self.written_at = time.monotonic()
         self.write_lock = asyncio.Lock()
-        # Set when a write finds the eval cancelled or taken over: the lanes take no more work
-        # (what they are asking finishes; nothing is cut in the middle of a write).
-        self.stopped: _Cancelled | _LeaseLost | None = None
         self.timeout = self.settings.inference.timeout.total_seconds()
+        self.answered: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        # Set when the eval was cancelled, taken over or cannot go on: the lanes take no more
+        # work (what they are asking finishes; nothing is cut in the middle of a write).
+        self.stopped: _Cancelled | _LeaseLost | _Failed | None = (
+            _Cancelled() if claimed.cancel_requested else None
+        )
 
     async def run(self) -> None:
+        # A heartbeat writes what is pending, renews the lease and reads the cancel flag even
+        # while every answer is slow (a local model on a CPU, a provider near its timeout).
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._run()
+        finally:
+            heartbeat.cancel()
+
+    async def _run(self) -> None:
+        self._raise_if_stopped()
         examples = await self._examples()
         normalize = metrics.Normalization(**self.config.get("normalize", {}))
         expected = [example.expected for example in examples]
         json_task = metrics.expects_json(expected)
         max_tokens = self.config.get("max_tokens") or default_max_tokens(expected)
+        # Every route before the first request: a judge that cannot be routed must not wait
+        # until every answer is in to say so.
         routes = {model: await self._route(model) for model in self.models}
+        judge = self.config.get("judge")
+        judge_route = await self._route(judge["model"]) if judge else None
         done = await self._done_keys()
 
         async def answer(model: str, example: EvalExample) -> None:
@@ -176,6 +201,7 @@ class EvalRun:
                 "max_tokens": max_tokens,
             }
             reply = await ask(route.provider, payload, self.timeout)
+            self._count(model, reply)
             scored = (
                 metrics.score(reply.output, example.expected, normalize, json_task)
                 if reply.output is not None
@@ -197,7 +223,7 @@ class EvalRun:
                     "valid_json": scored.valid_json if scored else None,
                 }
             )
-            await self._progress(1)
+            await self._progress()
 
         work = [
             (lambda m=model, e=example: answer(m, e))
@@ -208,9 +234,21 @@ class EvalRun:
         await self._run_all(work)
         await self._write()
         self._raise_if_stopped()
-        if self.config.get("judge"):
-            await self._judge(examples)
+        if judge_route is not None:
+            await self._judge(examples, judge_route)
         await self._finish()
+
+    def _count(self, model: str, reply: _Reply) -> None:
+        if reply.output is not None:
+            self.answered[model] = self.answered.get(model, 0) + 1
+            return
+        if reply.retryable:
+            return
+        self.refused[model] = self.refused.get(model, 0) + 1
+        if self.refused[model] >= FAIL_FAST_AFTER and not self.answered.get(model):
+            self.stopped = self.stopped or _Failed(
+                "model_failed", f"Every request to {model} failed: {reply.error}"
+            )
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -250,7 +288,7 @@ class EvalRun:
                 }
                 for index, example in enumerate(found)
             ]
-            async with self.sessionmaker() as session, session.begin():
+            async with self.write_lock, self.sessionmaker() as session, session.begin():
                 queue = EvalQueue(session)
                 await self._still_ours(queue)
                 await queue.add_examples(rows)
@@ -264,9 +302,12 @@ class EvalRun:
             return list(await EvalQueue(session).examples(self.eval_id))
 
     async def _route(self, model: str) -> inference.Route:
+        """Where `model` goes: an alias was pinned to its model when the eval was created, so a
+        resumed eval asks the same model whatever the alias says now."""
+        target = self.config.get("targets", {}).get(model, model)
         try:
             return await inference.resolve(
-                self.sessionmaker, self.providers, self.project_id, model
+                self.sessionmaker, self.providers, self.project_id, target
             )
         except APIError as exc:
             raise _Failed(exc.code or "model_not_found", exc.message) from None
@@ -281,7 +322,7 @@ class EvalRun:
             return {(example, model) for example, model in rows.all()}
 
     async def _run_all(self, work: Sequence[Callable[[], Awaitable[None]]]) -> None:
-        """Run the calls, at most `concurrency` at a time; the first error stops the rest."""
+        """Run the calls, at most `concurrency` at a time, until done or stopped."""
         pending = iter(work)
 
         async def lane() -> None:
@@ -295,42 +336,42 @@ class EvalRun:
             for running in lanes:
                 group.create_task(running)
 
-    async def _judge(self, examples: Sequence[EvalExample]) -> None:
+    async def _judge(self, examples: Sequence[EvalExample], route: inference.Route) -> None:
         config = self.config["judge"]
-        route = await self._route(config["model"])
         async with self.sessionmaker() as session:
             results = await EvalQueue(session).results(self.eval_id)
         outputs = {(r.example, r.model): r.output for r in results}
         baseline = self.models[0]
 
         async def compare(example: EvalExample, model: str) -> None:
-            ours, theirs = (
-                outputs.get((example.example, model)),
-                outputs.get((example.example, baseline)),
-            )
-            verdicts: list[judging.Verdict | None] = []
-            for first, second in ((theirs, ours), (ours, theirs)):
-                if first is None or second is None:
-                    verdicts.append(None)
-                    continue
-                messages = judging.judge_messages(
-                    config["rubric"], example.prompt, example.expected, first, second
-                )
-                payload = {
-                    "model": route.model,
-                    "messages": messages,
-                    "temperature": 0,
-                    "max_tokens": JUDGE_MAX_TOKENS,
-                }
-                reply = await ask(route.provider, payload, self.timeout)
-                verdicts.append(judging.parse_verdict(reply.output))
-            entry = self.pending_verdicts.setdefault(example.example, dict(example.judge or {}))
+            ours = outputs.get((example.example, model))
+            theirs = outputs.get((example.example, baseline))
+            verdicts: list[judging.Verdict | None] = [None, None]
+            if ours is not None and theirs is not None:
+                for index, (first, second) in enumerate(((theirs, ours), (ours, theirs))):
+                    messages = judging.judge_messages(
+                        config["rubric"], example.prompt, example.expected, first, second
+                    )
+                    payload = {
+                        "model": route.model,
+                        "messages": messages,
+                        "temperature": 0,
+                        "max_tokens": JUDGE_MAX_TOKENS,
+                    }
+                    reply = await ask(route.provider, payload, self.timeout)
+                    verdicts[index] = judging.parse_verdict(reply.output)
+            outcome = judging.outcome(verdicts[0], verdicts[1])
+            if ours is None and theirs is not None:
+                outcome = "loss"  # no answer loses to an answer, whatever a judge would say
+            elif theirs is None and ours is not None:
+                outcome = "win"
+            entry = self.pending_verdicts.setdefault(example.example, {})
             entry[model] = {
                 "baseline_first": verdicts[0],
                 "model_first": verdicts[1],
-                "outcome": judging.outcome(verdicts[0], verdicts[1]),
+                "outcome": outcome,
             }
-            await self._progress(2)
+            await self._progress()
 
         work = [
             (lambda e=example, m=model: compare(e, m))
@@ -343,12 +384,18 @@ class EvalRun:
         self._raise_if_stopped()
 
     async def _finish(self) -> None:
-        async with self.sessionmaker() as session, session.begin():
+        async with self.sessionmaker() as session:
             queue = EvalQueue(session)
-            row = await self._still_ours(queue)
+            row = await queue.get(self.eval_id)
             examples = await queue.examples(self.eval_id)
             results = await queue.results(self.eval_id)
-            summary = summarize(row, examples, results, row.skipped_lines or 0)
+        if row is None:
+            raise _LeaseLost
+        # Bootstrap and permutation tests take a while on thousands of examples: a thread,
+        # not the event loop the API may share, and no transaction open meanwhile.
+        summary = await asyncio.to_thread(summarize, row, examples, results, row.skipped_lines or 0)
+        async with self.write_lock, self.sessionmaker() as session, session.begin():
+            queue = EvalQueue(session)
             finished = await self._update(
                 queue, status="succeeded", results=summary, finished_at=utcnow(), lease_until=None
             )
@@ -356,36 +403,44 @@ class EvalRun:
 
     # -- progress ----------------------------------------------------------------------------
 
-    async def _progress(self, completions: int) -> None:
-        self.done += completions
+    async def _progress(self) -> None:
         interval = self.settings.evals.write_interval.total_seconds()
         due = time.monotonic() - self.written_at >= interval
         if due or len(self.pending_results) >= WRITE_EVERY_ANSWERS:
             await self._write()
 
+    async def _heartbeat(self) -> None:
+        every = max(0.05, self.settings.evals.lease.total_seconds() / 3)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._write()
+            except Exception:  # the run's own next write meets the same trouble and says so
+                log.warning("eval heartbeat could not write", eval_id=self.eval_id, exc_info=True)
+
     async def _write(self) -> None:
         """Store what is pending and renew the lease; note when the eval was cancelled or
         taken over (the lanes then stop)."""
         async with self.write_lock:
-            if self.stopped is not None:
+            if isinstance(self.stopped, _LeaseLost | _Cancelled):
                 return
             results, self.pending_results = self.pending_results, []
             verdicts, self.pending_verdicts = self.pending_verdicts, {}
             self.written_at = time.monotonic()
             new_lease = utcnow() + self.settings.evals.lease
+            written = self.written + len(results) + 2 * sum(len(v) for v in verdicts.values())
             try:
                 async with self.sessionmaker() as session, session.begin():
                     queue = EvalQueue(session)
                     await self._still_ours(queue)
                     await queue.add_results(results)
-                    await queue.set_judge(self.eval_id, verdicts)
-                    row = await self._update(
-                        queue, completions_done=self.done, lease_until=new_lease
-                    )
+                    await queue.add_verdicts(self.eval_id, verdicts)
+                    row = await self._update(queue, completions_done=written, lease_until=new_lease)
             except _LeaseLost as lost:
                 self.stopped = lost
                 return
             self.lease = new_lease
+            self.written = written
             if row.cancel_requested:
                 self.stopped = _Cancelled()
 

@@ -24,7 +24,7 @@ from app.jobs.schemas import JobCreate
 from app.kit.errors import BadRequest, Conflict, InvalidPayload, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
-from app.models import Job, Project
+from app.models import File, Job, Project
 from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import Provider, ProviderError
 from app.registry import service as registry
@@ -96,7 +96,7 @@ def _provider_for(context: JobsContext, requested: str | None, model_provider: s
     )
 
 
-async def _check_file(context: JobsContext, project_id: str, file_id: str, param: str) -> None:
+async def _check_file(context: JobsContext, project_id: str, file_id: str, param: str) -> File:
     async with context.sessionmaker() as reader:
         try:
             file = await files.get_file(reader, project_id, file_id)
@@ -110,6 +110,7 @@ async def _check_file(context: JobsContext, project_id: str, file_id: str, param
             param=param,
             code="invalid_file",
         )
+    return file
 
 
 async def create_job(
@@ -157,9 +158,23 @@ async def create_job(
             "evaluate needs a validation_file: the fine-tuned model is evaluated on it.",
             param="evaluate",
         )
+    if body.evaluate and method != "supervised":
+        raise InvalidPayload(
+            f"evaluate applies to supervised jobs (chat examples with an expected answer), "
+            f"not to {method} ones.",
+            param="evaluate",
+        )
     await _check_file(context, project_id, body.training_file, "training_file")
     if body.validation_file is not None:
-        await _check_file(context, project_id, body.validation_file, "validation_file")
+        held_out_file = await _check_file(
+            context, project_id, body.validation_file, "validation_file"
+        )
+        if body.evaluate and held_out_file.format != "chat":
+            raise InvalidPayload(
+                f"evaluate needs a chat validation file; {body.validation_file} is "
+                f"{held_out_file.format} data.",
+                param="evaluate",
+            )
     training = await validations.report_for_target(
         session, context.validation, project_id, body.training_file, target, "training_file"
     )

@@ -85,8 +85,16 @@ async def transition(
         data={"status": target, "previous_status": previous},
         at=moment,
     )
-    if target == "succeeded":
+    if target == "succeeded" and job.evaluate:
         queued = await evals.queue_job_eval(session, job)
+        if queued is None and not job.eval_id and not job.fine_tuned_model:
+            add_event(
+                session,
+                job,
+                "Not evaluated: the provider reported no fine-tuned model for this job.",
+                level="warn",
+                at=moment + timedelta(microseconds=1),
+            )
         if queued is not None:
             add_event(
                 session,
