@@ -2,15 +2,16 @@
 
 `ProjectScopedRepository` is the one way to read a project-owned table: every query it builds
 carries the project filter, so no endpoint can forget it and another project's id is simply
-"not found".
+"not found". `LeasedQueue` is a worker's view of a table of queued work (validations, evals).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from datetime import datetime
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.base import Base
@@ -99,3 +100,63 @@ class ProjectScopedRepository(Repository[ModelT]):
         obj.project_id = self.project_id  # type: ignore[attr-defined]
         self.session.add(obj)
         return obj
+
+
+class LeasedQueue(Repository[ModelT]):
+    """Rows of work (`status` queued/running, `lease_until`, `attempts`, `started_at`) that
+    workers claim with SKIP LOCKED and a lease, and write only while the lease is theirs.
+
+    No project filter: the worker acts for whichever project owns the claimed row, and
+    writes only that row (and its own children)."""
+
+    async def claim(self, now: datetime, lease_until: datetime) -> ModelT | None:
+        """The oldest queued row, or a running one whose lease expired (its worker died),
+        leased to the caller."""
+        table = cast(Any, self.model)
+        claimed: ModelT | None = await self.session.scalar(
+            select(self.model)
+            .where(
+                or_(
+                    table.status == "queued",
+                    (table.status == "running") & (table.lease_until < now),
+                )
+            )
+            .order_by(table.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if claimed is not None:
+            row = cast(Any, claimed)
+            row.status = "running"
+            row.lease_until = lease_until
+            row.attempts += 1
+            row.started_at = row.started_at or now
+            await self.session.flush()
+        return claimed
+
+    async def update_if_leased(
+        self, row_id: str, held_lease: datetime, /, **values: Any
+    ) -> ModelT | None:
+        """Write only while we still hold the lease we claimed; None if someone took over."""
+        row: ModelT | None = await self.session.scalar(
+            update(self.model)
+            .where(*self._leased(row_id, held_lease))
+            .values(**values)
+            .returning(self.model)
+        )
+        return row
+
+    async def get_leased(self, row_id: str, held_lease: datetime) -> ModelT | None:
+        """The row, locked, only while the lease we took is still ours."""
+        found: ModelT | None = await self.session.scalar(
+            select(self.model).where(*self._leased(row_id, held_lease)).with_for_update()
+        )
+        return found
+
+    def _leased(self, row_id: str, held_lease: datetime) -> tuple[Any, ...]:
+        table = cast(Any, self.model)
+        return (
+            table.id == row_id,
+            table.status == "running",
+            table.lease_until == held_lease,
+        )

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import cast, func, insert, or_, select, update
+from sqlalchemy import cast, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
-from app.db.repository import ProjectScopedRepository, Repository
+from app.db.repository import LeasedQueue, ProjectScopedRepository
 from app.models import Eval, EvalExample, EvalResult, Job
 
 
@@ -51,53 +50,11 @@ class EvalRepository(ProjectScopedRepository[Eval]):
         ).all()
 
 
-class EvalQueue(Repository[Eval]):
-    """The evaluator worker's view: every project's queued evals (no project filter - the
-    worker acts for whichever project owns the claimed eval, and writes only its rows)."""
+class EvalQueue(LeasedQueue[Eval]):
+    """The evaluator worker's view: every project's queued evals, and the rows of the one it
+    holds."""
 
     model = Eval
-
-    async def claim(self, now: datetime, lease_until: datetime) -> Eval | None:
-        claimed: Eval | None = await self.session.scalar(
-            select(Eval)
-            .where(
-                or_(
-                    Eval.status == "queued",
-                    (Eval.status == "running") & (Eval.lease_until < now),
-                )
-            )
-            .order_by(Eval.created_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        if claimed is not None:
-            claimed.status = "running"
-            claimed.lease_until = lease_until
-            claimed.attempts += 1
-            claimed.started_at = claimed.started_at or now
-            await self.session.flush()
-        return claimed
-
-    async def update_if_leased(
-        self, eval_id: str, held_lease: datetime, /, **values: Any
-    ) -> Eval | None:
-        """Write only while we still hold the lease we claimed; None if someone took over."""
-        row: Eval | None = await self.session.scalar(
-            update(Eval)
-            .where(Eval.id == eval_id, Eval.status == "running", Eval.lease_until == held_lease)
-            .values(**values)
-            .returning(Eval)
-        )
-        return row
-
-    async def get_leased(self, eval_id: str, held_lease: datetime) -> Eval | None:
-        """The eval, locked, only while the lease we took is still ours."""
-        found: Eval | None = await self.session.scalar(
-            select(Eval)
-            .where(Eval.id == eval_id, Eval.status == "running", Eval.lease_until == held_lease)
-            .with_for_update()
-        )
-        return found
 
     async def add_examples(self, rows: list[dict[str, Any]]) -> None:
         if rows:

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
 
-from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
 
-from app.db.repository import ProjectScopedRepository, Repository
+from app.db.repository import LeasedQueue, ProjectScopedRepository
 from app.models import ValidationReport
 
 
@@ -52,45 +49,7 @@ class ValidationRepository(ProjectScopedRepository[ValidationReport]):
         return found
 
 
-class ValidationQueue(Repository[ValidationReport]):
-    """The validator worker's view: every project's queued reports (no project filter — the
-    worker acts for whichever project owns the claimed report, and writes only that row)."""
+class ValidationQueue(LeasedQueue[ValidationReport]):
+    """The validator worker's view: every project's queued reports."""
 
     model = ValidationReport
-
-    async def claim(self, now: datetime, lease_until: datetime) -> ValidationReport | None:
-        claimed: ValidationReport | None = await self.session.scalar(
-            select(ValidationReport)
-            .where(
-                or_(
-                    ValidationReport.status == "queued",
-                    (ValidationReport.status == "running") & (ValidationReport.lease_until < now),
-                )
-            )
-            .order_by(ValidationReport.created_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        if claimed is not None:
-            claimed.status = "running"
-            claimed.lease_until = lease_until
-            claimed.attempts += 1
-            claimed.started_at = claimed.started_at or now
-            await self.session.flush()
-        return claimed
-
-    async def update_if_leased(
-        self, report_id: str, held_lease: datetime, /, **values: Any
-    ) -> ValidationReport | None:
-        """Write only while we still hold the lease we claimed; None if someone took over."""
-        row: ValidationReport | None = await self.session.scalar(
-            update(ValidationReport)
-            .where(
-                ValidationReport.id == report_id,
-                ValidationReport.status == "running",
-                ValidationReport.lease_until == held_lease,
-            )
-            .values(**values)
-            .returning(ValidationReport)
-        )
-        return row
