@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import update
 
 from app.evals import judge, metrics
+from app.evals.service import read_examples
 from app.evals.tasks import process_one
 from app.kit.time import utcnow
 from app.models import Eval, Job, Scope
@@ -435,3 +436,16 @@ async def test_evaluate_needs_supervised_chat_data_and_a_deleted_eval_unlinks_it
     assert linked["eval_id"] == row.id and linked["evaluate"] is True
     assert (await api.delete(f"/v1/evals/{row.id}")).json()["deleted"] is True
     assert (await api.get(f"/v1/fine_tuning/jobs/{job.id}")).json()["eval_id"] is None
+
+
+def test_held_out_files_are_read_like_any_dataset(tmp_path) -> None:
+    """A byte-order mark, CRLF line ends, blank lines and an over-long line: every example is
+    found at its line, what is not one is counted as skipped."""
+    lines = sentiment_jsonl(FILMS[:2]).decode().splitlines()
+    text = "\ufeff" + "\r\n".join([lines[0], "", lines[1], "x" * 5000, lines[2], lines[3]])
+    path = tmp_path / "held_out.jsonl"
+    path.write_text(text + "\r\n", encoding="utf-8")
+    examples, skipped = read_examples(path, limit=100, max_line_bytes=4096)
+    assert [e.line for e in examples] == [1, 3, 5, 6] and skipped == 1
+    assert examples[0].expected == "1" and examples[0].prompt[0]["content"].endswith("真棒。")
+    assert [e.line for e in read_examples(path, limit=2, max_line_bytes=4096)[0]] == [1, 3]

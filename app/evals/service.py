@@ -10,7 +10,8 @@ splits always qualifies.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -29,6 +30,7 @@ from app.kit.errors import BadRequest, Conflict, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Eval, EvalExample, EvalResult, Job
+from app.validation.reader import read_lines
 
 __all__ = [
     "Example",
@@ -217,35 +219,28 @@ def _example(value: Any, line: int) -> Example | None:
 
 
 def read_examples(path: Path, limit: int, max_line_bytes: int) -> tuple[list[Example], int]:
-    """The first `limit` examples of a chat JSONL file, and how many non-blank lines were
-    skipped (not JSON, not an example, too long)."""
+    """The first `limit` examples of a chat JSONL file, read as the validator reads datasets
+    (a byte-order mark dropped, lines numbered as an editor shows them, a line longer than
+    `max_line_bytes` never held whole), and how many non-blank lines were skipped (not JSON,
+    not an example, too long)."""
     examples: list[Example] = []
     skipped = 0
-    for line_number, raw in _lines(path, max_line_bytes):
-        if raw is None:
-            skipped += 1
-            continue
-        try:
-            example = _example(orjson.loads(raw), line_number)
-        except orjson.JSONDecodeError:
-            example = None
-        if example is None:
-            skipped += 1
-            continue
-        examples.append(example)
-        if len(examples) >= limit:
-            break
-    return examples, skipped
-
-
-def _lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes) of every non-blank line; None for one longer than the limit."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if len(raw) > max_line_bytes:
-                yield number, None
-            elif raw.strip():
-                yield number, raw
+        for chunk in read_lines(handle, max_line_bytes):
+            for offset, raw in enumerate(chunk.lines):
+                if raw is not None and not raw.strip():
+                    continue  # blank
+                example = None
+                if raw is not None:
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        example = _example(orjson.loads(raw), chunk.first_line + offset)
+                if example is None:
+                    skipped += 1
+                    continue
+                examples.append(example)
+                if len(examples) >= limit:
+                    return examples, skipped
+    return examples, skipped
 
 
 def default_max_tokens(expected: Sequence[str]) -> int:
