@@ -8,7 +8,7 @@ baseline and the verdict; `GET /v1/evals/{id}/results` every example with every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
@@ -117,37 +117,30 @@ def _result_objects(
     return items
 
 
+# What an answer shows as stored (all null for an answer not written yet).
+_STORED: Final = (
+    "output",
+    "error",
+    "exact_match",
+    "f1",
+    "valid_json",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
 def _answer_object(
     model: str,
     result: EvalResult | None,
     labels: list[str] | None,
     normalize: metrics.Normalization,
 ) -> EvalAnswer:
-    if result is None:
-        return EvalAnswer(
-            model=model,
-            output=None,
-            error=None,
-            exact_match=None,
-            label=None,
-            f1=None,
-            valid_json=None,
-            latency_ms=None,
-            prompt_tokens=None,
-            completion_tokens=None,
-        )
-    label = metrics.predicted_label(result.output, labels, normalize) if labels else None
+    label = None
+    if result is not None and labels:
+        label = metrics.predicted_label(result.output, labels, normalize)
     return EvalAnswer(
-        model=model,
-        output=result.output,
-        error=result.error,
-        exact_match=result.exact_match,
-        label=label,
-        f1=result.f1,
-        valid_json=result.valid_json,
-        latency_ms=result.latency_ms,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
+        model=model, label=label, **{name: getattr(result, name, None) for name in _STORED}
     )
 
 

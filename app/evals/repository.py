@@ -56,6 +56,13 @@ class EvalQueue(LeasedQueue[Eval]):
 
     model = Eval
 
+    async def done_keys(self, eval_id: str) -> set[tuple[int, str]]:
+        """(example, model) of every answer already written."""
+        rows = await self.session.execute(
+            select(EvalResult.example, EvalResult.model).where(EvalResult.eval_id == eval_id)
+        )
+        return {(example, model) for example, model in rows.all()}
+
     async def add_examples(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             await self.session.execute(insert(EvalExample), rows)

@@ -104,23 +104,29 @@ async def create_eval(
             param="file",
             code="invalid_eval_file",
         )
+    row = _queued(body, targets)
+    EvalRepository(session, project_id).add(row)
+    await session.flush()
+    return row
+
+
+def _queued(body: EvalCreate, targets: dict[str, str], job_id: str | None = None) -> Eval:
+    """A new eval of what `body` asks; `targets`: the model each alias stood for."""
     config = body.model_dump(include={"normalize", "judge", "max_examples", "max_tokens"})
     config |= {"metrics": body.metrics or list(METRICS), "temperature": body.temperature}
     # Only aliases are written down: a model id stands for itself.
     config["targets"] = {name: model for name, model in targets.items() if name != model}
-    row = Eval(
+    return Eval(
         id=new_id(EVAL_ID_PREFIX),
         name=body.name,
         models=list(body.models),
         file_id=body.file,
+        fine_tuning_job_id=job_id,
         config=config,
         status="queued",
         eval_metadata=body.metadata,
         created_at=utcnow(),
     )
-    EvalRepository(session, project_id).add(row)
-    await session.flush()
-    return row
 
 
 async def queue_job_eval(session: AsyncSession, job: Job) -> Eval | None:
@@ -129,25 +135,13 @@ async def queue_job_eval(session: AsyncSession, job: Job) -> Eval | None:
     compare (no validation file or no model) or it exists already."""
     if not job.evaluate or job.eval_id or not job.validation_file or not job.fine_tuned_model:
         return None
-    row = Eval(
-        id=new_id(EVAL_ID_PREFIX),
-        project_id=job.project_id,
-        name=f"{job.id}: base vs fine-tuned",
+    body = EvalCreate(
         models=[job.model, job.fine_tuned_model],
-        file_id=job.validation_file,
-        fine_tuning_job_id=job.id,
-        config={
-            "metrics": list(METRICS),
-            "normalize": {"trim": True, "ignore_case": False},
-            "judge": None,
-            "max_examples": 1000,
-            "max_tokens": None,
-            "temperature": 0.0,
-        },
-        status="queued",
-        created_at=utcnow(),
+        file=job.validation_file,
+        name=f"{job.id}: base vs fine-tuned",
     )
-    session.add(row)
+    row = _queued(body, {}, job.id)
+    EvalRepository(session, job.project_id).add(row)
     job.eval_id = row.id
     await session.flush()
     return row

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.evals import judge as judging
@@ -38,13 +37,14 @@ from app.evals import metrics
 from app.evals.repository import EvalQueue
 from app.evals.schemas import EvalObject
 from app.evals.service import default_max_tokens, read_examples, summarize
+from app.files.service import get_file
 from app.files.storage import BlobStorage, blob_key, make_storage
 from app.inference import service as inference
 from app.jobs import state
-from app.kit.errors import APIError
+from app.kit.errors import APIError, NotFound
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
-from app.models import Eval, EvalExample, EvalResult, File, Job
+from app.models import Eval, EvalExample, Job
 from app.providers.base import Provider, ProviderError
 from app.providers.registry import build_providers, close_providers
 from app.webhooks.events import emit
@@ -190,7 +190,8 @@ class EvalRun:
         routes = {model: await self._route(model) for model in self.models}
         judge = self.config.get("judge")
         judge_route = await self._route(judge["model"]) if judge else None
-        done = await self._done_keys()
+        async with self.sessionmaker() as session:
+            done = await EvalQueue(session).done_keys(self.eval_id)
 
         async def answer(model: str, example: EvalExample) -> None:
             route = routes[model]
@@ -255,12 +256,11 @@ class EvalRun:
     async def _examples(self) -> list[EvalExample]:
         """The stored examples, reading them from the file the first time."""
         if self.examples_count is None:
-            async with self.sessionmaker() as session:
-                file = await session.scalar(
-                    select(File).where(File.id == self.file_id, File.project_id == self.project_id)
-                )
-            if file is None:
-                raise _Failed("file_not_found", f"The file {self.file_id} was deleted.")
+            try:
+                async with self.sessionmaker() as session:
+                    file = await get_file(session, self.project_id, self.file_id)
+            except NotFound:
+                raise _Failed("file_not_found", f"The file {self.file_id} was deleted.") from None
             async with self.storage.materialize(blob_key(file.sha256)) as path:
                 found, skipped = await asyncio.to_thread(
                     read_examples,
@@ -311,15 +311,6 @@ class EvalRun:
             )
         except APIError as exc:
             raise _Failed(exc.code or "model_not_found", exc.message) from None
-
-    async def _done_keys(self) -> set[tuple[int, str]]:
-        async with self.sessionmaker() as session:
-            rows = await session.execute(
-                select(EvalResult.example, EvalResult.model).where(
-                    EvalResult.eval_id == self.eval_id
-                )
-            )
-            return {(example, model) for example, model in rows.all()}
 
     async def _run_all(self, work: Sequence[Callable[[], Awaitable[None]]]) -> None:
         """Run the calls, at most `concurrency` at a time, until done or stopped."""
