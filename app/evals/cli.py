@@ -14,42 +14,16 @@ from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx2
 import typer
 
-from app.files.client import TunegateClient, TunegateError
+from app.files.client import TunegateClient
+from app.jobs.client import JobsClient, surely_unsent
 
 evals_cli = typer.Typer(help="Evaluate models on held-out data.", no_args_is_help=True)
 
+EVALS = "/v1/evals"
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 _RATES = ("accuracy", "exact_match", "f1", "json_valid")
-
-
-class EvalsClient:
-    def __init__(self, base_url: str, api_key: str, timeout: float = 60.0) -> None:
-        self.http = httpx2.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=httpx2.Timeout(timeout, connect=10.0),
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _answer(self, response: httpx2.Response) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": {"message": response.text[:500]}}
-        if response.status_code >= 400:
-            raise TunegateError(response.status_code, body)
-        return dict(body)
-
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._answer(self.http.post("/v1/evals", json=body))
-
-    def retrieve(self, eval_id: str) -> dict[str, Any]:
-        return self._answer(self.http.get(f"/v1/evals/{eval_id}"))
 
 
 def _cell(metric: dict[str, Any] | None) -> str:
@@ -148,14 +122,15 @@ def evals_run(
     with (
         main.talking_to(base_url),
         closing(TunegateClient(base_url, api_key)) as files,
-        closing(EvalsClient(base_url, api_key)) as evals,
+        JobsClient(base_url, api_key) as api,
     ):
         if isinstance(held_out, Path):
             held_out = main.upload_file(files, held_out, "evals")
         body["file"] = held_out
-        found = evals.create(body)
+        # A create is not safe twice: retried only when it surely never reached tunegate.
+        found = dict(api.call("POST", EVALS, surely_unsent, json=body))
         main.say(f"Created {found['id']}; evaluating {', '.join(names)}", "dim")
-        found = _follow(evals, found, interval)
+        found = _follow(api, found, interval)
     if as_json:
         typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     elif found["status"] == "succeeded":
@@ -171,13 +146,14 @@ def evals_run(
         raise typer.Exit(1)
 
 
-def _follow(evals: EvalsClient, found: dict[str, Any], interval: float) -> dict[str, Any]:
+def _follow(api: JobsClient, found: dict[str, Any], interval: float) -> dict[str, Any]:
+    """Poll the eval (reads retried as the jobs client retries them) until it ends."""
     from app import cli as main
 
     shown = None
     while found["status"] not in FINISHED:
         time.sleep(interval)
-        found = evals.retrieve(found["id"])
+        found = dict(api.call("GET", f"{EVALS}/{found['id']}"))
         progress = found["progress"]
         now = (found["status"], progress["completions_done"])
         if now != shown:

@@ -86,8 +86,9 @@ def _transient_create(error: Exception) -> bool:
     return _transient_read(error)
 
 
-def _transient_cancel(error: Exception) -> bool:
-    # Only when the request surely did nothing: never sent, or refused before any work.
+def surely_unsent(error: Exception) -> bool:
+    """Retry a call that is not safe twice (cancel, create without Idempotency-Key) only when
+    it surely did nothing: never sent, or refused before any work."""
     if isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout):
         return True
     return isinstance(error, JobsError) and error.status in {429, 502, 503, 504}
@@ -217,13 +218,15 @@ class JobsClient:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _call(
+    def call(
         self,
         method: str,
         path: str,
         transient: Callable[[Exception], bool] = _transient_read,
         **kwargs: Any,
     ) -> Any:
+        """Any call to tunegate's API with this client's retries: `transient` says which
+        failures may be tried again (reads: connection errors, 408, 429, 5xx)."""
         attempt = 0
         while True:
             try:
@@ -248,7 +251,7 @@ class JobsClient:
         deadline = time.monotonic() + VALIDATION_WAIT_SECONDS
         while True:
             try:
-                return dict(self._call("POST", JOBS, _transient_create, json=body, headers=headers))
+                return dict(self.call("POST", JOBS, _transient_create, json=body, headers=headers))
             except JobsError as exc:
                 if exc.code != "validation_pending" or time.monotonic() > deadline:
                     raise
@@ -257,10 +260,10 @@ class JobsClient:
                 time.sleep(max(VALIDATION_POLL_SECONDS, exc.retry_after or 0.0))
 
     def retrieve(self, job_id: str) -> Job:
-        return dict(self._call("GET", f"{JOBS}/{job_id}"))
+        return dict(self.call("GET", f"{JOBS}/{job_id}"))
 
     def cancel(self, job_id: str) -> Job:
-        return dict(self._call("POST", f"{JOBS}/{job_id}/cancel", _transient_cancel))
+        return dict(self.call("POST", f"{JOBS}/{job_id}/cancel", surely_unsent))
 
     def list_jobs(self, limit: int | None) -> tuple[list[Job], bool]:
         """The newest `limit` jobs (all of them when None), newest first, and whether there
@@ -270,7 +273,7 @@ class JobsClient:
         while True:
             wanted = MAX_PAGE if limit is None else min(MAX_PAGE, limit - len(jobs))
             params: dict[str, Any] = {"limit": wanted} | ({"after": after} if after else {})
-            page = self._call("GET", JOBS, params=params)
+            page = self.call("GET", JOBS, params=params)
             jobs += page["data"]
             more = bool(page["has_more"]) and bool(page["data"])
             if not more or (limit is not None and len(jobs) >= limit):
@@ -285,7 +288,7 @@ class JobsClient:
         after: str | None = None
         while True:
             params: dict[str, Any] = {"limit": self.events_page_size}
-            page = self._call(
+            page = self.call(
                 "GET",
                 f"{JOBS}/{job_id}/events",
                 params=params | ({"after": after} if after else {}),
