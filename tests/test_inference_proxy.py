@@ -11,7 +11,7 @@ import json
 import orjson
 import pytest
 
-from app.inference.proxy import _event_data, _split_events
+from app.inference.sse import event_data, split_events
 from app.models import Scope
 from app.providers.openai import OpenAIProvider
 from tests.test_auth import assert_envelope
@@ -171,8 +171,8 @@ async def test_bodies_the_provider_could_read_differently_are_normalised_or_refu
 
 
 def test_server_sent_events_are_cut_at_blank_lines_of_any_line_end() -> None:
-    blocks, rest = _split_events(b"data: a\r\n\r\ndata: b\r\rdata: c\n\ndata: d\r")
+    blocks, rest = split_events(b"data: a\r\n\r\ndata: b\r\rdata: c\n\ndata: d\r")
     assert blocks == [b"data: a", b"data: b", b"data: c"] and rest == b"data: d\r"
-    assert _event_data(b"data: {}") == b"{}"
-    assert _event_data(b"event: x\ndata:{\ndata: }") == b"{\n}"
-    assert _event_data(b": a comment") is None
+    assert event_data(b"data: {}") == b"{}"
+    assert event_data(b"event: x\ndata:{\ndata: }") == b"{\n}"
+    assert event_data(b": a comment") is None

@@ -8,7 +8,8 @@ apply), and the FastAPI routes in `endpoints.py` document them and serve them th
 `CompletionProxy` when reached another way.
 
 A request is authenticated (`authenticate_request`: the key cache, then the database), checked
-(a JSON object with OpenAI's required fields of the right types; the rest passes through),
+(`bodies.py`: a JSON object with OpenAI's required fields of the right types; the rest passes
+through),
 counted against the per-key completion rate limit and resolved to a provider (a split alias
 to one of its arms, by weight, sticky per `user`: `service.choose_arm`). Then:
 
@@ -16,7 +17,8 @@ to one of its arms, by weight, sticky per `user`: `service.choose_arm`). Then:
   re-encoded (the model the route chose; usage asked of a stream; exactly what was checked, so
   no duplicate key can mean something else upstream), and the caller gets the provider's bytes
   as they are: a plain answer is checked to be a JSON object and its usage read; a stream is
-  cut into server-sent events, each event checked and forwarded as soon as it is complete;
+  cut into server-sent events (`sse.py`), each event checked and forwarded as soon as it is
+  complete;
 - other providers (the local one) answer through their dict methods.
 
 Streams: `text/event-stream`, ending with `data: [DONE]`. An error before the first chunk is an
@@ -41,9 +43,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.auth.dependencies import authenticate_request, check_scope
 from app.auth.service import Principal
 from app.inference import service
+from app.inference.bodies import check_messages, check_prompt, checked_body
+from app.inference.sse import sse_data
 from app.inference.usage import UsageRecorder
-from app.kit.errors import APIError, BadGateway, BadRequest, InvalidPayload, UnsupportedMediaType
-from app.kit.http import database_busy, is_json_content_type, parse_json_body
+from app.kit.errors import APIError, BadGateway, BadRequest
+from app.kit.http import database_busy
 from app.kit.logging import get_logger
 from app.kit.time import utcnow
 from app.kit.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -64,8 +68,6 @@ DONE: Final = b"data: [DONE]\n\n"
 CLIENT_CLOSED: Final = 499  # the client went away mid-stream (nginx's convention)
 # The largest non-streamed answer accepted from a provider.
 MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
-MAX_MESSAGES: Final = 100_000
-_TOKEN_ID_MAX: Final = 2**31 - 1
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -85,80 +87,20 @@ class Kind:
     stream: Callable[[Provider], Callable[..., AsyncIterator[dict[str, Any]]]]
 
 
-def _check_chat(body: dict[str, Any]) -> None:
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise _invalid("messages", "Field required" if messages is None else "must be an array")
-    if not messages:
-        raise _invalid("messages", "must have at least 1 item")
-    if len(messages) > MAX_MESSAGES:
-        raise _invalid("messages", f"must have at most {MAX_MESSAGES} items")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _invalid(f"messages[{i}]", "must be an object")
-
-
-def _check_prompt(body: dict[str, Any]) -> None:
-    if "prompt" not in body:
-        raise _invalid("prompt", "Field required")
-    prompt = body["prompt"]
-    if prompt is None or isinstance(prompt, str):
-        return
-    if isinstance(prompt, list):
-        if all(isinstance(p, str) for p in prompt) or all(_is_token(p) for p in prompt):
-            return
-        if all(isinstance(p, list) and all(_is_token(t) for t in p) for p in prompt):
-            return
-    raise _invalid("prompt", "must be a string, an array of strings, of tokens or of token arrays")
-
-
-def _is_token(value: object) -> bool:
-    return type(value) is int and 0 <= value <= _TOKEN_ID_MAX
-
-
 CHAT: Final = Kind(
     "/chat/completions",
     "chat completion",
-    _check_chat,
+    check_messages,
     lambda p: p.chat_completion,
     lambda p: p.stream_chat_completion,
 )
 TEXT: Final = Kind(
     "/completions",
     "completion",
-    _check_prompt,
+    check_prompt,
     lambda p: p.completion,
     lambda p: p.stream_completion,
 )
-
-
-def _invalid(param: str, reason: str) -> InvalidPayload:
-    return InvalidPayload(f"Invalid value for '{param}': {reason}.", param=param)
-
-
-def _checked_body(kind: Kind, raw: bytes, content_type: str | None) -> dict[str, Any]:
-    """The request body as a dict with OpenAI's required fields right, or a 4xx."""
-    if not raw:
-        raise InvalidPayload("The request body is missing or is not a JSON object.")
-    if not is_json_content_type(content_type):
-        raise UnsupportedMediaType(
-            f"Unsupported Content-Type {content_type or '(none)'!r}: "
-            "send the body as JSON with 'Content-Type: application/json'."
-        )
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise InvalidPayload("The request body is missing or is not a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not 1 <= len(model) <= 256:
-        raise _invalid("model", "Field required" if model is None else "must be a model id")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid("stream", "must be a boolean")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _invalid("stream_options", "must be an object")
-    kind.check(body)
-    return body
 
 
 class _Usage:
@@ -259,7 +201,7 @@ class CompletionProxy:
             principal = await authenticate_request(state, _header(scope, b"authorization"))
             check_scope(principal, KeyScope.read)
             raw = await _read_body(receive)
-            body = _checked_body(self.kind, raw, _header(scope, b"content-type"))
+            body = checked_body(raw, _header(scope, b"content-type"), self.kind.check)
             state.inference_limiter.check(principal.key_id)
             user = body.get("user")
             route = await service.resolve(
@@ -512,53 +454,12 @@ def _broken(exc: UpstreamError) -> ProviderError:
     return ProviderConnectionError(str(exc))
 
 
-def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
-    """Complete server-sent events at the start of `buffer`, and what is left of it. Lines end
-    with LF, CRLF or CR; a CR at the very end may be the first half of a CRLF, so it waits."""
-    if b"\r" in buffer:
-        held = buffer.endswith(b"\r")
-        body = buffer[:-1] if held else buffer
-        buffer = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
-    blocks = buffer.split(b"\n\n")
-    return blocks[:-1], blocks[-1]
-
-
-def _event_data(block: bytes) -> bytes | None:
-    """The `data` of one event (its data lines joined), or None for a comment or an event
-    without data."""
-    if block.startswith(b"data: ") and b"\n" not in block:
-        return block[6:]  # the usual event: one data line
-    lines = [line[5:] for line in block.split(b"\n") if line.startswith(b"data:")]
-    if not lines:
-        return None
-    return b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
-
-
-async def _sse_data(answer: UpstreamResponse) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event of an answer, up to `[DONE]` or its end."""
-    buffer = b""
-    async for piece in answer:
-        buffer += piece
-        if b"\n" not in piece and b"\r" not in piece:
-            if len(buffer) > MAX_ANSWER_BYTES:
-                raise ProviderServerError("An event of the provider's stream is too large.")
-            continue
-        events, buffer = _split_events(buffer)
-        for block in events:
-            data = _event_data(block)
-            if data is None:
-                continue
-            if data == b"[DONE]":
-                return
-            yield data
-
-
 async def _raw_chunks(
     provider: Provider, answer: UpstreamResponse
 ) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
     """Each event of a forwarded stream, checked to be a chunk: (parsed, as sent)."""
     try:
-        async for data in _sse_data(answer):
+        async for data in sse_data(answer, MAX_ANSWER_BYTES):
             chunk = _json_object(data)
             if chunk is None:
                 raise ProviderServerError("A chunk of the provider's stream did not parse.")
