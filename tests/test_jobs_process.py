@@ -565,34 +565,14 @@ def test_evaluate_true_queues_an_eval_and_the_cli_prints_the_comparison(
     assert summary["models"][done.fine_tuned_model]["exact_match"]["value"] == 1.0
     assert summary["models"][base]["exact_match"]["value"] == 0.0
 
+    connection = ("--api-key", ADMIN_KEY, "--base-url", server.base_url)
+    models = f"{base},{done.fine_tuned_model}"
     ran = server.cli(
-        "evals",
-        "run",
-        "--models",
-        f"{base},{done.fine_tuned_model}",
-        "--file",
-        training_file,
-        "--api-key",
-        ADMIN_KEY,
-        "--base-url",
-        server.base_url,
-        "--interval",
-        "0.2",
-        timeout=120,
-    )
+        "evals", "run", "--models", models, "--file", training_file, *connection,
+        "--interval", "0.2", timeout=120,
+    )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert "exact_match" in ran.stdout and "1.000 [0.758, 1.000]" in ran.stdout  # Wilson
     assert f"{done.fine_tuned_model} is better than {base} on f1" in ran.stdout
-    refused = server.cli(
-        "evals",
-        "run",
-        "--models",
-        base,
-        "--file",
-        training_file,
-        "--api-key",
-        ADMIN_KEY,
-        "--base-url",
-        server.base_url,
-    )
+    refused = server.cli("evals", "run", "--models", base, "--file", training_file, *connection)
     assert refused.returncode == 2 and "at least two models" in refused.stderr

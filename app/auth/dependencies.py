@@ -60,7 +60,7 @@ async def authenticate_request(state: Any, authorization: str | None) -> Princip
         # Its own short transaction: the request's unit of work starts only when the endpoint
         # touches the database, so a long upload keeps no transaction open while bytes arrive.
         async with database.sessionmaker() as session, session.begin():
-            principal = await authenticate(session, key, state.settings)
+            principal = await authenticate(session, key_hash, state.settings)
         cache.put(key_hash, principal, generation)
     state.rate_limiter.check(principal.key_id)
     return principal

@@ -51,9 +51,9 @@ def key_from_authorization(header: str | None) -> str:
     return key
 
 
-async def authenticate(session: AsyncSession, key: str, settings: Settings) -> Principal:
+async def authenticate(session: AsyncSession, digest: str, settings: Settings) -> Principal:
+    """The key whose SHA-256 (`keys.hash_key`) is `digest`, or 401 (unknown or revoked)."""
     lookup = ApiKeyLookup(session)
-    digest = hash_key(key)
     stored = await lookup.by_hash(digest)
     if stored is None or not hmac.compare_digest(stored.key_hash, digest):
         raise Unauthorized(_INCORRECT)
