@@ -5,6 +5,7 @@ off, timeouts, and the proxy fallback."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -358,3 +359,23 @@ async def test_the_httpx2_client_behaves_the_same(serve) -> None:
         await slow.send("/x", b"{}", wait_seconds=0.3)
     await client.aclose()
     await slow.aclose()
+
+
+async def test_finishing_an_answer_whose_end_never_comes_gives_up_quietly(serve) -> None:
+    async def unended(writer: asyncio.StreamWriter, body: bytes) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ndone\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)  # the terminating chunk never comes in time
+        return False
+
+    server = await serve(unended)
+    client = client_for(server)
+    answer = await client.send("/x", b"{}", wait_seconds=5)
+    assert await anext(aiter(answer)) == b"done"
+    started = time.monotonic()
+    await answer.finish()  # drains for at most a second, then drops the connection
+    assert time.monotonic() - started < 2
+    again = await client.send("/x", b"{}", wait_seconds=5)
+    await again.aclose()
+    assert server.connections == 2
+    await client.aclose()

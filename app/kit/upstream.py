@@ -136,6 +136,20 @@ async def _read_all(response: UpstreamResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
+async def _drain(response: UpstreamResponse) -> None:
+    """Read what is left of a body the reader is done with, for a moment and a few KB at most
+    (a server that is slow to end it is not waited for), then release the connection: reused
+    when the body ended, else closed."""
+    with contextlib.suppress(UpstreamError, TimeoutError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            left = 0
+            async for chunk in response:
+                left += len(chunk)
+                if left > _DRAIN_BYTES:
+                    break
+    await response.aclose()
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the answer it is receiving."""
 
@@ -331,18 +345,7 @@ class _LeanResponse:
             yield chunk
 
     async def finish(self) -> None:
-        """The answer is done for its reader (a stream's `[DONE]`): read what is left of the
-        body for a moment, so the connection can serve again, then release it."""
-        connection = self._connection
-        if connection is not None:
-            with contextlib.suppress(UpstreamError):
-                async with asyncio.timeout(_DRAIN_SECONDS):
-                    left = 0
-                    while (chunk := await connection.next_chunk(None)) is not None:
-                        left += len(chunk)
-                        if left > _DRAIN_BYTES:
-                            break
-        await self.aclose()
+        await _drain(self)
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
@@ -498,11 +501,7 @@ class _Httpx2Response:
             raise UpstreamError(f"The connection to the upstream broke: {exc}") from None
 
     async def finish(self) -> None:
-        with contextlib.suppress(UpstreamError, TimeoutError):
-            async with asyncio.timeout(_DRAIN_SECONDS):
-                async for _ in self:
-                    pass
-        await self.aclose()
+        await _drain(self)
 
     async def aclose(self) -> None:
         await self._response.aclose()
