@@ -151,7 +151,7 @@ class _Validation:
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         ctx = self._ctx
-        chat = self._chat.check
+        add_plain = self._chat.add_plain
         chat_format = DatasetFormat.chat
         count_chars, count_texts, batch_examples = COUNT_CHARS, COUNT_TEXTS, BATCH_EXAMPLES
         for chunk in read_lines(f, self._max_line_bytes):
@@ -180,16 +180,15 @@ class _Validation:
                     else:
                         size = len(raw)
                         del raw
-                        if (
+                        if not (
                             self._format is chat_format
                             and type(example) is dict
                             and len(example) == 1
-                            and "messages" in example
+                            and type(messages := example.get("messages")) is list
+                            and add_plain(messages, number)
                         ):
-                            chat(example, number)
-                        else:
                             self._dispatch(example, number)
-                        del example
+                        example = messages = None  # an 8 MiB line's strings: let them go
                         batch = ctx.batch
                         batch.chars += size
                         if batch.chars >= count_chars or len(batch.texts) >= count_texts:

@@ -22,7 +22,7 @@ import orjson
 
 from app.validation.messages import ASSISTANT, SYSTEM, USER, check_messages
 from app.validation.rules_common import Context, check_tools, digest, json_kind, sorted_json
-from app.validation.tokens import REPLY_PRIMING_TOKENS
+from app.validation.tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 
 __all__ = ["ChatRules", "add_definitions", "warn_missing_roles"]
 
@@ -32,6 +32,7 @@ _NO_USER: Final = "the example has no user message"
 _TWO_HASHES: Final = struct.Struct("<qq")
 # Makes the second hash of a plain example differ from the first (and from a prompt key).
 _SECOND_HASH_SALT: Final = "tunegate: example digest"
+_PLAIN_ROLES: Final = ("system", "developer", "user", "assistant")
 
 
 class ChatRules:
@@ -39,8 +40,86 @@ class ChatRules:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+        # The overhead tokens of a plain message, by its role.
+        self._plain_overhead = {
+            role: TOKENS_PER_MESSAGE + ctx.role_tokens[role] for role in _PLAIN_ROLES
+        }
 
     def check(self, example: Any, line: int) -> None:
+        if type(example) is dict and len(example) == 1:
+            messages = example.get("messages")
+            if type(messages) is list and self.add_plain(messages, line):
+                return
+        self._check(example, line)
+
+    def add_plain(self, messages: list[Any], line: int) -> bool:
+        """The usual example, checked and added in one pass: plain messages only (see
+        `messages.check_messages`), one of them an assistant's. Anything else is False, with
+        nothing added: `_check` then checks it in full and reports what is wrong."""
+        ctx = self._ctx
+        batch = ctx.batch
+        texts, keys = batch.texts, batch.keys
+        shared, shared_keys = batch.shared_texts, batch.shared_keys
+        start, shared_start = len(texts), len(shared)
+        index = len(batch.lines)
+        key = 2 * index
+        overhead = self._plain_overhead
+        plain: list[str] = []
+        fixed = REPLY_PRIMING_TOKENS
+        roles = 0
+        last = -1
+        for i, message in enumerate(messages):
+            if type(message) is dict and len(message) == 2:
+                role = message.get("role")
+                content = message.get("content")
+                if (
+                    type(content) is str
+                    and content
+                    and type(role) is str
+                    and (cost := overhead.get(role)) is not None
+                ):
+                    fixed += cost
+                    plain.append(role)
+                    plain.append(content)
+                    if role == "assistant":
+                        texts.append(content)
+                        keys.append(key + 1)
+                        roles |= ASSISTANT
+                        last = i
+                    elif role == "user":
+                        texts.append(content)
+                        keys.append(key)
+                        roles |= USER
+                    else:  # system prompts repeat: counted once per batch
+                        shared.append(content)
+                        shared_keys.append(key)
+                        roles |= SYSTEM
+                    continue
+            last = -1
+            break
+        if last < 0:
+            del texts[start:], keys[start:], shared[shared_start:], shared_keys[shared_start:]
+            return False
+        warn_missing_roles(ctx, roles, line, "messages")
+        batch.lines.append(line)
+        batch.fixed.append(fixed)
+        batch.messages.append(len(messages))
+        batch.digests.append(
+            _TWO_HASHES.pack(hash(tuple(plain)), hash((_SECOND_HASH_SALT, *plain)))
+        )
+        answer = plain[2 * last + 1]
+        if last:  # with no prompt at all, answers cannot conflict
+            batch.conflict_examples.append(index)
+            batch.prompt_keys.append(hash(tuple(plain[: 2 * last])))
+            batch.answer_keys.append(hash(answer))
+            batch.answer_messages.append(last)
+        ctx.valid_examples += 1
+        labels = ctx.labels
+        if labels.active:
+            labels.add(answer.strip())
+        return True
+
+    def _check(self, example: Any, line: int) -> None:
         ctx = self._ctx
         if type(example) is not dict:
             ctx.error("data_type", line, None, f"the line is {json_kind(example)}, not an object")
