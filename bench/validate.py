@@ -29,7 +29,10 @@ the baseline runs tiktoken's own, unmodified o200k_base.
 Every run loads its tokenizer before the clock starts (a service keeps it loaded; the load
 time is printed apart). The benchmark prints the throughputs, the speed-up against (a) and
 (b), peak RSS and the token totals, which must be equal in (a), (b) and (c) (exit status 1
-otherwise), then the results as one JSON line. Targets: >= 10x the throughput of (a), peak
+otherwise), then the results as one JSON line. This machine's speed drifts by a third from one
+minute to the next, so every side runs `--rounds` times (default 3), a round being one run of
+each side in turn; the speed-up is the median of the rounds' speed-ups, times are medians, peak
+RSS the highest seen. Targets: >= 10x the throughput of (a), peak
 RSS < 150 MB.
 """
 
@@ -41,6 +44,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -272,6 +276,20 @@ def run_child(kind: str, path: Path, env: dict[str, str] | None = None) -> dict[
     return result
 
 
+def round_ratio(sides: dict[str, dict[str, Any]], baseline: str) -> float:
+    """validate_file's speed-up against a baseline side within one round."""
+    return float(sides[baseline]["seconds"] / sides["ours"]["seconds"])
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side over the rounds: median times, the highest peak RSS, the first run's counts."""
+    merged = {**runs[0], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    for key in ("seconds", "load_seconds"):
+        if key in merged:
+            merged[key] = statistics.median(r[key] for r in runs)
+    return merged
+
+
 def generate(out: Path, mb: float) -> None:
     if not GENERATOR.exists():
         raise SystemExit(
@@ -286,6 +304,13 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=100)
     parser.add_argument("--file", type=Path, help="use this chat JSONL instead of generating")
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="run every side this many times; the medians are compared (default 3: this "
+        "machine's speed varies by a third from one run to the next)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -304,14 +329,31 @@ def main() -> None:
         vocabulary.mkdir()
         write_tiktoken_vocabulary(vocabulary)
         tiktoken_env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(vocabulary)}
-        base = run_child("notebook-tiktoken", path, tiktoken_env)
-        print(
-            "tiktoken: o200k_base's vocabulary was rebuilt offline from quicktok's bundled "
-            "copy; tiktoken checked its SHA-256 against its own and loaded it"
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for number in range(1, args.rounds + 1):
+            # The sides of a round run one after the other, so a round's ratio compares runs
+            # minutes apart at most; each round starts every side afresh.
+            rounds.append(
+                {
+                    "a": run_child("notebook-tiktoken", path, tiktoken_env),
+                    "b": run_child("notebook-quicktok", path),
+                    "ours": run_child("engine", path),
+                    "ceiling": run_child("tokenizer", path),
+                }
+            )
+            if number == 1:
+                print(
+                    "tiktoken: o200k_base's vocabulary was rebuilt offline from quicktok's "
+                    "bundled copy; tiktoken checked its SHA-256 against its own and loaded it"
+                )
+            print(
+                f"round {number}: speed-up {round_ratio(rounds[-1], 'a'):.1f}x "
+                f"(validate_file {rounds[-1]['ours']['seconds']:.2f} s, notebook "
+                f"{rounds[-1]['a']['seconds']:.2f} s)"
+            )
+        base, strong, ours, ceiling = (
+            median_run([r[side] for r in rounds]) for side in ("a", "b", "ours", "ceiling")
         )
-        strong = run_child("notebook-quicktok", path)
-        ours = run_child("engine", path)
-        ceiling = run_child("tokenizer", path)
     finally:
         if args.file is None and args.keep:
             shutil.rmtree(workdir / "tiktoken", ignore_errors=True)
@@ -321,8 +363,10 @@ def main() -> None:
 
     speed = {name: size_mb / run["seconds"] for name, run in (("a", base), ("b", strong))}
     our_speed = size_mb / ours["seconds"]
-    ratio = our_speed / speed["a"]
-    ratio_strong = our_speed / speed["b"]
+    ratios = [round_ratio(r, "a") for r in rounds]
+    ratio = statistics.median(ratios)
+    ratio_strong = statistics.median(round_ratio(r, "b") for r in rounds)
+    print(f"medians of {len(rounds)} round(s):")
     print(f"{'':20}{'notebook':>12}{'notebook':>12}{'validate_file':>16}")
     print(f"{'':20}{'(tiktoken)':>12}{'(quicktok)':>12}{'':>16}")
     runs = (base, strong, ours)
@@ -338,10 +382,13 @@ def main() -> None:
     ]
     for label, (a, b, c) in rows:
         print(f"{label:20}{a!s:>12}{b!s:>12}{c!s:>16}")
-    same = all(base[key] == strong[key] == ours[key] for key in TOTALS)
+    same = all(
+        r["a"][key] == r["b"][key] == r["ours"][key] == base[key] for r in rounds for key in TOTALS
+    )
     print(f"token totals equal: {'yes' if same else 'NO'}")
     print(
-        f"speed-up against the notebook (tiktoken): {ratio:.1f}x (target >= {SPEEDUP_TARGET}x: "
+        f"speed-up against the notebook (tiktoken), the median of the rounds' "
+        f"({', '.join(f'{r:.1f}x' for r in ratios)}): {ratio:.1f}x (target >= {SPEEDUP_TARGET}x: "
         f"{'met' if ratio >= SPEEDUP_TARGET else 'not met'}); peak RSS "
         f"{ours['peak_rss_mb']:.0f} MB (target < {RSS_TARGET_MB} MB: "
         f"{'met' if ours['peak_rss_mb'] < RSS_TARGET_MB else 'not met'})"
@@ -363,6 +410,7 @@ def main() -> None:
         "notebook_quicktok_mb_s": round(speed["b"], 2),
         "validate_file_mb_s": round(our_speed, 2),
         "speedup": round(ratio, 2),
+        "speedup_rounds": [round(r, 2) for r in ratios],
         "speedup_vs_quicktok_notebook": round(ratio_strong, 2),
         "peak_rss_mb": round(ours["peak_rss_mb"], 1),
         "ceiling_mb_s": round(ceiling_speed, 2),
