@@ -8,6 +8,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator, Iterator
 
+import orjson
 import pytest
 from sqlalchemy import update
 
@@ -449,3 +450,42 @@ def test_held_out_files_are_read_like_any_dataset(tmp_path) -> None:
     assert [e.line for e in examples] == [1, 3, 5, 6] and skipped == 1
     assert examples[0].expected == "1" and examples[0].prompt[0]["content"].endswith("真棒。")
     assert [e.line for e in read_examples(path, limit=2, max_line_bytes=4096)[0]] == [1, 3]
+
+
+async def test_metrics_that_do_not_apply_are_named_with_the_reason(
+    api, app_factory, provider, fake_llm
+) -> None:
+    # Free-text answers, each different: not labels, not JSON.
+    lines = [
+        orjson.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Describe film {i}."},
+                    {"role": "assistant", "content": f"Film {i} is a quiet story about {i} cats."},
+                ]
+            }
+        )
+        for i in range(6)
+    ]
+    held_out = await upload(api, b"\n".join(lines) + b"\n")
+    worker, storage = worker_for(app_factory), app_factory.storage()
+
+    only_labels = {"models": [BASE, GOOD_MODEL], "file": held_out}
+    created = await api.post(
+        "/v1/evals", json=only_labels | {"metrics": ["accuracy", "json_valid"]}
+    )
+    assert created.status_code == 200, created.text
+    assert await process_one(worker, {"openai": provider}, storage)
+    results = (await api.get(f"/v1/evals/{created.json()['id']}")).json()["results"]
+    assert results["task"] == "free_text" and results["primary_metric"] is None
+    assert set(results["not_applicable"]) == {"accuracy", "json_valid"}
+    assert "not a few labels" in results["not_applicable"]["accuracy"]
+    assert "accuracy" not in results["models"][GOOD_MODEL]
+    assert results["verdict"].startswith("No verdict: none of the metrics asked for")
+    assert "f1 or exact_match" in results["verdict"]
+
+    with_f1 = await api.post("/v1/evals", json=only_labels | {"metrics": ["accuracy", "f1"]})
+    assert await process_one(worker, {"openai": provider}, storage)
+    results = (await api.get(f"/v1/evals/{with_f1.json()['id']}")).json()["results"]
+    assert results["primary_metric"] == "f1" and list(results["not_applicable"]) == ["accuracy"]
+    assert results["verdict"].startswith(GOOD_MODEL) and "on f1" in results["verdict"]

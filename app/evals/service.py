@@ -281,6 +281,7 @@ def summarize(
         "task": "classification" if labels else ("json" if json_task else "free_text"),
         "labels": labels,
         "primary_metric": primary,
+        "not_applicable": _not_applicable(wanted, labels, json_task),
         "baseline": baseline,
         "models": {
             model: _wanted(
@@ -313,6 +314,19 @@ def _answer(result: EvalResult | None) -> metrics.Answer:
         result.prompt_tokens,
         result.completion_tokens,
     )
+
+
+def _not_applicable(wanted: set[str], labels: list[str] | None, json_task: bool) -> dict[str, str]:
+    """The metrics asked for that these expected answers leave out, each with the reason."""
+    reasons = {}
+    if "accuracy" in wanted and labels is None:
+        reasons["accuracy"] = (
+            "the expected answers are not a few labels (at most "
+            f"{metrics.MAX_LABELS} distinct short answers, each expected at least twice)"
+        )
+    if "json_valid" in wanted and not json_task:
+        reasons["json_valid"] = "not every expected answer is a JSON object or array"
+    return reasons
 
 
 _METRIC_KEYS: Final = {
@@ -356,7 +370,12 @@ ERROR_RATE_WARNING: Final = 0.05
 
 def _verdict(summary: dict[str, Any], primary: str | None) -> str:
     if primary is None:
-        return ""
+        reasons = "; ".join(f"{name}: {why}" for name, why in summary["not_applicable"].items())
+        return (
+            "No verdict: none of the metrics asked for judges these answers"
+            + (f" ({reasons})" if reasons else " (latency and tokens only measure them)")
+            + ". Ask for f1 or exact_match, which apply to any answer."
+        )
     baseline = summary["baseline"]
     aggregates = summary["models"]
     base_value = aggregates[baseline].get(primary, {}).get("value")
