@@ -117,6 +117,14 @@ def test_the_base_model_is_listed_and_validated_with_its_own_tokenizer(
     assert report["examples"] == 14
     assert report["tokens"]["tokenizer"] != "o200k_base"
     assert report["tokens"]["total"] > 0
+    # A role OpenAI does not know is refused, as OpenAI refuses it, not wrapped as a turn.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=BASE, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2
+        )
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "messages[0].role", error
+    assert "Invalid value: 'wizard'. Supported values are: 'system'," in error["message"]
 
 
 def check_the_trained_job(client: openai.OpenAI, http: httpx.Client, job_id: str) -> Any:

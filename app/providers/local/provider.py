@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from app.config import Settings
 from app.files.storage import BlobStorage, make_storage
@@ -345,9 +345,21 @@ class _Request:
             raise ProviderBadRequest(str(exc), param="messages") from None
 
 
+# OpenAI's roles, in the order its own error message lists them.
+_ROLES: Final = ("system", "assistant", "user", "function", "tool", "developer")
+_ROLES_TEXT: Final = ", ".join(f"'{role}'" for role in _ROLES[:-1]) + f", and '{_ROLES[-1]}'"
+
+
 def _plain_message(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ProviderBadRequest("Each message needs a role.", param=f"messages[{index}]")
+    if message["role"] not in _ROLES:
+        # As OpenAI answers: a chat template would otherwise wrap any word as a turn.
+        shown = message["role"][:64]
+        raise ProviderBadRequest(
+            f"Invalid value: '{shown}'. Supported values are: {_ROLES_TEXT}.",
+            param=f"messages[{index}].role",
+        )
     content = message.get("content")
     if isinstance(content, list):  # content parts: text only
         texts = []
