@@ -151,7 +151,7 @@ class _Validation:
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         ctx = self._ctx
-        add_plain = self._chat.add_plain
+        add_plain, check_fully = self._chat.add_plain, self._chat.check_fully
         chat_format = DatasetFormat.chat
         count_chars, count_texts, batch_examples = COUNT_CHARS, COUNT_TEXTS, BATCH_EXAMPLES
         for chunk in read_lines(f, self._max_line_bytes):
@@ -180,13 +180,15 @@ class _Validation:
                     else:
                         size = len(raw)
                         del raw
-                        if not (
+                        if (
                             self._format is chat_format
                             and type(example) is dict
                             and len(example) == 1
                             and type(messages := example.get("messages")) is list
-                            and add_plain(messages, number)
                         ):
+                            if not add_plain(messages, number):
+                                check_fully(example, number)
+                        else:
                             self._dispatch(example, number)
                         example = messages = None  # an 8 MiB line's strings: let them go
                         batch = ctx.batch

@@ -50,12 +50,12 @@ class ChatRules:
             messages = example.get("messages")
             if type(messages) is list and self.add_plain(messages, line):
                 return
-        self._check(example, line)
+        self.check_fully(example, line)
 
     def add_plain(self, messages: list[Any], line: int) -> bool:
         """The usual example, checked and added in one pass: plain messages only (see
         `messages.check_messages`), one of them an assistant's. Anything else is False, with
-        nothing added: `_check` then checks it in full and reports what is wrong."""
+        nothing added: `check_fully` then checks it and reports what is wrong."""
         ctx = self._ctx
         batch = ctx.batch
         texts, keys = batch.texts, batch.keys
@@ -119,7 +119,8 @@ class ChatRules:
             labels.add(answer.strip())
         return True
 
-    def _check(self, example: Any, line: int) -> None:
+    def check_fully(self, example: Any, line: int) -> None:
+        """Every check of a chat example, each problem reported; adds it when it has none."""
         ctx = self._ctx
         if type(example) is not dict:
             ctx.error("data_type", line, None, f"the line is {json_kind(example)}, not an object")
