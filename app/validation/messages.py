@@ -21,11 +21,18 @@ from app.validation.issues import clip
 from app.validation.rules_common import Context, json_kind
 from app.validation.tokens import TOKENS_PER_MESSAGE, TOKENS_PER_NAME
 
-__all__ = ["ASSISTANT", "ROLES", "SYSTEM", "USER", "MessagesSummary", "check_messages"]
+__all__ = [
+    "ASSISTANT",
+    "PLAIN_ROLE_BITS",
+    "ROLES",
+    "SYSTEM",
+    "USER",
+    "MessagesSummary",
+    "check_messages",
+]
 
 ROLES: Final = ("system", "developer", "user", "assistant", "tool", "function")
 _ROLE_SET: Final = frozenset(ROLES)
-_SIMPLE_ROLES: Final = frozenset(("system", "developer", "user", "assistant"))
 _MESSAGE_KEYS: Final = frozenset(
     ("role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call")
 )
@@ -35,7 +42,14 @@ _ALLOWED_KEYS_TEXT: Final = ", ".join(sorted(_MESSAGE_KEYS))
 SYSTEM: Final = 1
 USER: Final = 2
 ASSISTANT: Final = 4
-_ROLE_BITS: Final = {"system": SYSTEM, "developer": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# The roles a plain message (the fast paths here and in `rules_chat.ChatRules.add_plain`) may
+# have, with their bits; a developer message is a system message.
+PLAIN_ROLE_BITS: Final = {
+    "system": SYSTEM,
+    "developer": SYSTEM,
+    "user": USER,
+    "assistant": ASSISTANT,
+}
 
 
 class MessagesSummary(NamedTuple):
@@ -72,7 +86,7 @@ def check_messages(
         if type(message) is dict and len(message) == 2:
             role = message.get("role")
             content = message.get("content")
-            if type(content) is str and content and type(role) is str and role in _SIMPLE_ROLES:
+            if type(content) is str and content and type(role) is str and role in PLAIN_ROLE_BITS:
                 fixed += TOKENS_PER_MESSAGE + role_tokens[role]
                 if plain is not None:
                     plain.append(role)
@@ -87,7 +101,7 @@ def check_messages(
                 else:  # system prompts repeat: counted once per batch
                     batch.shared_texts.append(content)
                     batch.shared_keys.append(key)
-                roles |= _ROLE_BITS[role]
+                roles |= PLAIN_ROLE_BITS[role]
                 continue
         plain = None
         checked = _check_message(ctx, message, f"{prefix}[{i}]", line, key, trained_key)
@@ -96,7 +110,7 @@ def check_messages(
             continue
         role, message_fixed, message_answer = checked
         fixed += message_fixed
-        roles |= _ROLE_BITS.get(role, 0)
+        roles |= PLAIN_ROLE_BITS.get(role, 0)
         if role == "assistant":
             last, answer = i, message_answer
     if not ok:

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import orjson
 
-from app.validation.messages import ASSISTANT, SYSTEM, USER, check_messages
+from app.validation.messages import ASSISTANT, PLAIN_ROLE_BITS, SYSTEM, USER, check_messages
 from app.validation.rules_common import Context, check_tools, digest, json_kind, sorted_json
 from app.validation.tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 
@@ -32,7 +32,6 @@ _NO_USER: Final = "the example has no user message"
 _TWO_HASHES: Final = struct.Struct("<qq")
 # Makes the second hash of a plain example differ from the first (and from a prompt key).
 _SECOND_HASH_SALT: Final = "tunegate: example digest"
-_PLAIN_ROLES: Final = ("system", "developer", "user", "assistant")
 
 
 class ChatRules:
@@ -42,7 +41,7 @@ class ChatRules:
         self._ctx = ctx
         # The overhead tokens of a plain message, by its role.
         self._plain_overhead = {
-            role: TOKENS_PER_MESSAGE + ctx.role_tokens[role] for role in _PLAIN_ROLES
+            role: TOKENS_PER_MESSAGE + ctx.role_tokens[role] for role in PLAIN_ROLE_BITS
         }
 
     def check(self, example: Any, line: int) -> None:
