@@ -8,6 +8,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator, Iterator
 
+import numpy as np
 import orjson
 import pytest
 from sqlalchemy import update
@@ -489,3 +490,11 @@ async def test_metrics_that_do_not_apply_are_named_with_the_reason(
     results = (await api.get(f"/v1/evals/{with_f1.json()['id']}")).json()["results"]
     assert results["primary_metric"] == "f1" and list(results["not_applicable"]) == ["accuracy"]
     assert results["verdict"].startswith(GOOD_MODEL) and "on f1" in results["verdict"]
+
+
+def test_the_exact_paired_test_holds_past_a_thousand_disagreements() -> None:
+    # 700 right where the baseline was wrong, 400 the other way: 2**1100 is beyond a float.
+    differences = np.array([1.0] * 700 + [-1.0] * 400)
+    p = metrics.paired_p_value(differences)
+    assert 0.0 <= p < 1e-15
+    assert metrics.paired_p_value(np.array([1.0, -1.0] * 600)) == pytest.approx(1.0)

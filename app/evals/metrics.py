@@ -33,6 +33,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from app.validation.stats import MAX_LABEL_CHARS, MAX_LABELS
+
 __all__ = [
     "OTHER_LABEL",
     "Normalization",
@@ -49,10 +51,9 @@ BOOTSTRAP_RESAMPLES: Final = 2000
 CONFIDENCE: Final = 0.95
 SEED: Final = 20261206
 OTHER_LABEL: Final = "(other)"
-# Classification: at most this many distinct expected answers, each at most this long, and
-# each seen at least twice on average (else they are free text that happens to be short).
-MAX_LABELS: Final = 20
-MAX_LABEL_CHARS: Final = 64
+# Classification: as validation reports it (`stats.Labels`), at most MAX_LABELS distinct
+# expected answers, each shorter than MAX_LABEL_CHARS; here also each seen at least twice on
+# average (else they are free text that happens to be short).
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -99,7 +100,7 @@ def detect_labels(expected: Sequence[str], normalize: Normalization) -> list[str
     labels = Counter(normalize(text) for text in expected)
     if not labels or len(labels) > MAX_LABELS or len(expected) < 2 * len(labels):
         return None
-    if any(not label or len(label) > MAX_LABEL_CHARS or "\n" in label for label in labels):
+    if any(not label or len(label) >= MAX_LABEL_CHARS or "\n" in label for label in labels):
         return None
     return sorted(labels)
 
@@ -354,8 +355,9 @@ def paired_p_value(differences: Floats) -> float:
 
 def _sign_test(fewer: int, n: int) -> float:
     """Two-sided exact binomial test of `fewer` successes out of `n` at probability 1/2."""
-    tail = float(sum(math.comb(n, k) for k in range(fewer + 1))) / float(2**n)
-    return min(1.0, 2 * tail)
+    # Integers divided, not floats: past 1,024 disagreements 2**n is beyond a float.
+    tail: float = sum(math.comb(n, k) for k in range(fewer + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
 
 
 def compare(

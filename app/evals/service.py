@@ -31,6 +31,7 @@ from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Eval, EvalExample, EvalResult, Job
 from app.validation.reader import read_lines
+from app.validation.stats import MAX_LABEL_CHARS, MAX_LABELS
 
 __all__ = [
     "Example",
@@ -322,7 +323,8 @@ def _not_applicable(wanted: set[str], labels: list[str] | None, json_task: bool)
     if "accuracy" in wanted and labels is None:
         reasons["accuracy"] = (
             "the expected answers are not a few labels (at most "
-            f"{metrics.MAX_LABELS} distinct short answers, each expected at least twice)"
+            f"{MAX_LABELS} distinct answers shorter than {MAX_LABEL_CHARS} characters, each "
+            "expected at least twice)"
         )
     if "json_valid" in wanted and not json_task:
         reasons["json_valid"] = "not every expected answer is a JSON object or array"
