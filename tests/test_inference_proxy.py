@@ -11,8 +11,9 @@ import json
 import orjson
 import pytest
 
-from app.inference.sse import event_data, split_events
+from app.inference.sse import event_data, split_events, sse_data
 from app.models import Scope
+from app.providers.base import ProviderServerError
 from app.providers.openai import OpenAIProvider
 from tests.test_auth import assert_envelope
 from tests.test_upstream import Server, serve, sized  # noqa: F401 - `serve` is a fixture
@@ -176,3 +177,17 @@ def test_server_sent_events_are_cut_at_blank_lines_of_any_line_end() -> None:
     assert event_data(b"data: {}") == b"{}"
     assert event_data(b"event: x\ndata:{\ndata: }") == b"{\n}"
     assert event_data(b": a comment") is None
+
+
+async def test_an_event_that_never_ends_is_cut_off_at_the_limit() -> None:
+    class Endless:  # data lines, never the blank line that ends an event
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield b"data: {}\n\n"
+            for _ in range(10_000):
+                yield b"data: xxxxxxxx\n"
+
+    received = []
+    with pytest.raises(ProviderServerError, match="too large"):
+        async for data in sse_data(Endless(), max_event_bytes=1_000):  # type: ignore[arg-type]
+            received.append(data)
+    assert received == [b"{}"]

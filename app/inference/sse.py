@@ -39,15 +39,15 @@ async def sse_data(answer: UpstreamResponse, max_event_bytes: int) -> AsyncItera
     buffer = b""
     async for piece in answer:
         buffer += piece
-        if b"\n" not in piece and b"\r" not in piece:
-            if len(buffer) > max_event_bytes:
-                raise ProviderServerError("An event of the provider's stream is too large.")
-            continue
-        events, buffer = split_events(buffer)
-        for block in events:
-            data = event_data(block)
-            if data is None:
-                continue
-            if data == b"[DONE]":
-                return
-            yield data
+        if b"\n" in piece or b"\r" in piece:
+            events, buffer = split_events(buffer)
+            for block in events:
+                data = event_data(block)
+                if data is None:
+                    continue
+                if data == b"[DONE]":
+                    return
+                yield data
+        # What waits for its blank line, whether or not lines have ended in it.
+        if len(buffer) > max_event_bytes:
+            raise ProviderServerError("An event of the provider's stream is too large.")
