@@ -36,6 +36,7 @@ from app.providers.base import (
 )
 from app.providers.local import engine
 from app.providers.local.models import PROVIDER, source_for, sources
+from app.validation.messages import ROLES
 
 __all__ = ["LocalProvider", "adapter_key", "get_bytes", "put_bytes", "state_key"]
 
@@ -345,15 +346,14 @@ class _Request:
             raise ProviderBadRequest(str(exc), param="messages") from None
 
 
-# OpenAI's roles, in the order its own error message lists them.
-_ROLES: Final = ("system", "assistant", "user", "function", "tool", "developer")
-_ROLES_TEXT: Final = ", ".join(f"'{role}'" for role in _ROLES[:-1]) + f", and '{_ROLES[-1]}'"
+# OpenAI's message roles, listed as OpenAI lists them when it refuses one.
+_ROLES_TEXT: Final = ", ".join(f"'{role}'" for role in ROLES[:-1]) + f", and '{ROLES[-1]}'"
 
 
 def _plain_message(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ProviderBadRequest("Each message needs a role.", param=f"messages[{index}]")
-    if message["role"] not in _ROLES:
+    if message["role"] not in ROLES:
         # As OpenAI answers: a chat template would otherwise wrap any word as a turn.
         shown = message["role"][:64]
         raise ProviderBadRequest(
