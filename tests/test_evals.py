@@ -453,6 +453,19 @@ def test_held_out_files_are_read_like_any_dataset(tmp_path) -> None:
     assert [e.line for e in read_examples(path, limit=2, max_line_bytes=4096)[0]] == [1, 3]
 
 
+def test_an_answer_in_text_parts_is_an_example(tmp_path) -> None:
+    parts = [{"type": "text", "text": "po"}, {"type": "text", "text": "sitive"}]
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
+    lines = [
+        {"messages": [{"role": "user", "content": "Review?"}, {"role": "assistant", "content": p}]}
+        for p in (parts, image, None)
+    ]
+    path = tmp_path / "held_out.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
+    examples, skipped = read_examples(path, limit=100, max_line_bytes=4096)
+    assert [(e.line, e.expected) for e in examples] == [(1, "positive")] and skipped == 2
+
+
 async def test_metrics_that_do_not_apply_are_named_with_the_reason(
     api, app_factory, provider, fake_llm
 ) -> None:

@@ -30,6 +30,7 @@ from app.kit.errors import BadRequest, Conflict, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
 from app.models import Eval, EvalExample, EvalResult, Job
+from app.validation.conversions import chat_text
 from app.validation.reader import read_lines
 from app.validation.stats import MAX_LABEL_CHARS, MAX_LABELS
 
@@ -206,8 +207,8 @@ def _example(value: Any, line: int) -> Example | None:
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "assistant":
         return None
-    expected = last.get("content")
-    if not isinstance(expected, str) or not all(isinstance(m, dict) for m in messages[:-1]):
+    expected = chat_text(last.get("content"))
+    if expected is None or not all(isinstance(m, dict) for m in messages[:-1]):
         return None
     prompt = [{k: v for k, v in m.items() if k in _REQUEST_FIELDS} for m in messages[:-1]]
     return Example(line, prompt, expected)

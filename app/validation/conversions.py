@@ -34,6 +34,7 @@ __all__ = [
     "ConversionError",
     "ConversionOptions",
     "ConversionResult",
+    "chat_text",
     "convert_file",
 ]
 
@@ -406,8 +407,9 @@ def _is_text_part(part: Any) -> bool:
     )
 
 
-def _text(content: Any) -> str | None:
-    """The text of a content: a string, or a list of text parts joined; None if not all text."""
+def chat_text(content: Any) -> str | None:
+    """The text of a chat message's content: a string, or a list of text parts joined; None if
+    not all text."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(_is_text_part(part) for part in content):
@@ -418,7 +420,7 @@ def _text(content: Any) -> str | None:
 def _is_blank(content: Any) -> bool:
     if content is None:
         return True
-    text = _text(content)
+    text = chat_text(content)
     # A list with an image or other non-text part says something even without text.
     return text is not None and not text.strip()
 
@@ -458,7 +460,7 @@ def _prompt_completion(
         raise _Skip("the last message is not the assistant's answer")
     texts = []
     for message in messages:
-        text = _text(message.get("content"))
+        text = chat_text(message.get("content"))
         calls = message.get("tool_calls") or message.get("function_call")
         if text is None or calls or message["role"] in ("tool", "function"):
             raise _Skip(f"the {message['role']} message is not plain text")
