@@ -233,8 +233,7 @@ class CompletionProxy:
                 raise
             # The client went away: the provider's request was closed on the way out.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            if not usage.recorded:
-                usage.done(CLIENT_CLOSED, stream=exchange.stream, reported=exchange.reported)
+            usage.done(CLIENT_CLOSED, stream=exchange.stream, reported=exchange.reported)
         finally:
             watch.stop()
 
@@ -352,8 +351,7 @@ class _Exchange:
         options = payload.get("stream_options") or {}
         payload["stream_options"] = {**options, "include_usage": True}
         chunks = self.kind.stream(self.provider)(payload, wait_seconds=self.timeout)
-        close = chunks.aclose  # type: ignore[attr-defined]
-        await self._relay(_dict_chunks(chunks), send, close, close)
+        await self._relay(_dict_chunks(chunks), send, chunks.aclose)  # type: ignore[attr-defined]
 
     # -- streams -------------------------------------------------------------------------
 
@@ -362,11 +360,11 @@ class _Exchange:
         chunks: AsyncIterator[tuple[dict[str, Any], bytes | None]],
         send: Send,
         close: Callable[[], Awaitable[None]],
-        finish: Callable[[], Awaitable[None]],
+        finish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Send the stream's events as they come. An error before the first one is a plain
-        error answer (raised). The provider's stream is closed on every way out (`finish`
-        after its end, so its connection can serve again)."""
+        error answer (raised). The provider's stream is closed on every way out (`finish`, if
+        given, after its end, so its connection can serve again)."""
         events = self._events(chunks)
         try:
             first = await anext(events)
@@ -383,7 +381,7 @@ class _Exchange:
         try:
             ended = await self._send_events(first, events, send)
         finally:
-            await (finish() if ended else close())
+            await (finish() if ended and finish is not None else close())
 
     async def _events(
         self, chunks: AsyncIterator[tuple[dict[str, Any], bytes | None]]
