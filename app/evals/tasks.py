@@ -23,7 +23,6 @@ Idle evaluators poll every `TUNEGATE_EVALS__POLL_INTERVAL`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from app.models import Eval, EvalExample, Job
 from app.providers.base import Provider, ProviderError
 from app.providers.registry import build_providers, close_providers
 from app.webhooks.events import emit
-from app.workers.runner import WorkerContext, register_role
+from app.workers.runner import WorkerContext, register_role, take_work_until_stopped
 
 log = get_logger("tunegate.evals.worker")
 
@@ -523,11 +522,7 @@ async def evaluator_loop(worker: WorkerContext, stop: asyncio.Event) -> None:
     storage = make_storage(worker.settings)
     poll = worker.settings.evals.poll_interval.total_seconds()
     try:
-        while not stop.is_set():
-            if await process_one(worker, providers, storage):
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=poll)
+        await take_work_until_stopped(stop, poll, lambda: process_one(worker, providers, storage))
     finally:
         await close_providers(providers)
         await storage.close()

@@ -14,7 +14,6 @@ the job with the provider's message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,7 +29,7 @@ from app.kit.time import utcnow
 from app.models import File, Job, ProviderFile
 from app.providers.base import Provider, ProviderError, ProviderJob
 from app.providers.registry import build_providers, close_providers
-from app.workers.runner import WorkerContext, register_role
+from app.workers.runner import WorkerContext, register_role, take_work_until_stopped
 
 log = get_logger("tunegate.jobs.submitter")
 
@@ -236,11 +235,9 @@ async def submitter_loop(worker: WorkerContext, stop: asyncio.Event) -> None:
     providers = build_providers(worker.settings)
     interval = worker.settings.jobs.poll_interval.total_seconds()
     try:
-        while not stop.is_set():
-            if await submit_one(worker, storage, providers):
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+        await take_work_until_stopped(
+            stop, interval, lambda: submit_one(worker, storage, providers)
+        )
     finally:
         await close_providers(providers)
         await storage.close()

@@ -11,7 +11,6 @@ A report whose engine keeps failing is marked failed after three attempts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import datetime
 
 from app.files.storage import make_storage
@@ -27,7 +26,7 @@ from app.validation.service import (
     run_engine,
     succeeded_values,
 )
-from app.workers.runner import WorkerContext, register_role
+from app.workers.runner import WorkerContext, register_role, take_work_until_stopped
 
 log = get_logger("tunegate.validation.worker")
 
@@ -129,11 +128,7 @@ async def validator_loop(worker: WorkerContext, stop: asyncio.Event) -> None:
     context = ValidationContext(worker.settings, storage, worker.database.sessionmaker)
     interval = worker.settings.validation.poll_interval.total_seconds()
     try:
-        while not stop.is_set():
-            if await process_one(worker, context):
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+        await take_work_until_stopped(stop, interval, lambda: process_one(worker, context))
     finally:
         await storage.close()
 

@@ -9,6 +9,7 @@ roles in `ROLES` (see each domain's `tasks.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,18 @@ ROLES: dict[str, RoleLoop] = {}
 
 def register_role(name: str, loop: RoleLoop) -> None:
     ROLES[name] = loop
+
+
+async def take_work_until_stopped(
+    stop: asyncio.Event, poll_seconds: float, take_one: Callable[[], Awaitable[bool]]
+) -> None:
+    """A queue worker's loop: `take_one` again at once while it finds work (True), after
+    `poll_seconds` when it finds none, until `stop` is set (which cuts the wait short)."""
+    while not stop.is_set():
+        if await take_one():
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=poll_seconds)
 
 
 class WorkerRunner:

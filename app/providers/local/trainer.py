@@ -50,7 +50,7 @@ from app.providers.local.provider import (
 )
 from app.validation.cost import epochs_for
 from app.webhooks.events import emit
-from app.workers.runner import WorkerContext, register_role
+from app.workers.runner import WorkerContext, register_role, take_work_until_stopped
 
 log = get_logger("tunegate.local.trainer")
 
@@ -115,14 +115,15 @@ async def trainer_loop(worker: WorkerContext, stop: asyncio.Event) -> None:
     models.register(settings)
     storage = make_storage(settings)
     poll = settings.local.poll_interval.total_seconds()
-    try:
-        while not stop.is_set():
-            claim = await _claim(worker)
-            if claim is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=poll)
-                continue
+
+    async def train_one() -> bool:
+        claim = await _claim(worker)
+        if claim is not None:
             await _Run(worker, storage, claim, stop).run()
+        return claim is not None
+
+    try:
+        await take_work_until_stopped(stop, poll, train_one)
     finally:
         await storage.close()
 
