@@ -782,10 +782,10 @@ def _loss_sum(lm: Any, fast: bool, ids: Any, mask: Any, labels: Any) -> tuple[An
         from transformers import DynamicCache
 
         cache = DynamicCache(config=lm.config)
-        lm.model(input_ids=ids[:1, :prefix], past_key_values=cache, use_cache=True)
+        lm.model(input_ids=ids[:1, :prefix], cache=cache, use_cache=True)
         cache.batch_repeat_interleave(ids.shape[0])
         hidden = lm.model(
-            input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=cache, use_cache=True
+            input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, use_cache=True
         ).last_hidden_state
     else:
         hidden = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -1160,7 +1160,7 @@ def generate(
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            past, logits = out.past_key_values, out.logits[0, -1]
+            past, logits = out.cache, out.logits[0, -1]
             finish = "length"
             while len(completion) < limit:
                 token = _pick(logits, temperature, top_p, rng)
@@ -1183,10 +1183,10 @@ def generate(
                 with torch.inference_mode():
                     out = model(
                         input_ids=torch.tensor([[token]], device=device),
-                        past_key_values=past,
+                        cache=past,
                         use_cache=True,
                     )
-                past, logits = out.past_key_values, out.logits[0, -1]
+                past, logits = out.cache, out.logits[0, -1]
             if not scanner.stopped:
                 text = tokenizer.decode(
                     completion, skip_special_tokens=True, clean_up_tokenization_spaces=False
