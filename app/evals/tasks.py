@@ -202,8 +202,12 @@ class EvalRun:
             }
             reply = await ask(route.provider, payload, self.timeout)
             self._count(model, reply)
+            # Scoring a long answer (Unicode categories and names, character by character)
+            # takes milliseconds: a thread, not the event loop the API and heartbeat share.
             scored = (
-                metrics.score(reply.output, example.expected, normalize, json_task)
+                await asyncio.to_thread(
+                    metrics.score, reply.output, example.expected, normalize, json_task
+                )
                 if reply.output is not None
                 else None
             )
