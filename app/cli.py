@@ -47,15 +47,23 @@ jobs_cli = typer.Typer(
 cli.add_typer(jobs_cli, name="jobs")
 cli.add_typer(evals_cli, name="evals")
 
-err = Console(stderr=True)
-out = Console()
+
+def console(*, stderr: bool = False, width: int | None = None, highlight: bool = True) -> Console:
+    """A console that prints text as written: file names, roles, messages and model names come
+    from users, and rich would read "[/]" in them as markup (and crash) or ":x:" as an emoji
+    code. Colour is given explicitly (`say`, `Text(…, style=…)`)."""
+    return Console(stderr=stderr, width=width, highlight=highlight, markup=False, emoji=False)
+
+
+err = console(stderr=True)
+out = console()
 
 
 def _settings() -> Settings:
     try:
         return Settings()
     except Exception as exc:  # pydantic's message says which variable is wrong
-        err.print(f"[red]Invalid configuration:[/red] {exc}")
+        say(f"Invalid configuration: {exc}", "red")
         raise typer.Exit(2) from None
 
 
@@ -106,7 +114,7 @@ def migrate() -> None:
     settings = _settings()
     configure_logging(settings.log)
     _migrate(_database_url(settings))
-    err.print("[green]database schema is at the latest migration[/green]")
+    say("database schema is at the latest migration", "green")
 
 
 def _graceful_server_class() -> type:
@@ -206,7 +214,7 @@ def worker(
             registry = CollectorRegistry()
             runner = WorkerRunner(WorkerContext(settings, database, registry), roles)
         except ValueError as exc:
-            err.print(f"[red]{exc}[/red]")
+            say(str(exc), "red")
             raise typer.Exit(2) from None
         if metrics_port is not None:
             start_http_server(metrics_port, registry=registry)
@@ -247,7 +255,7 @@ def keys_create(
     try:
         plaintext, key_id, project_name = _with_session(settings, work)
     except APIError as exc:
-        err.print(f"[red]{exc.message}[/red]")
+        say(exc.message, "red")
         raise typer.Exit(1) from None
     err.print(
         f"Created {scope.value} key {key_id} for project '{project_name}'. "
@@ -274,7 +282,7 @@ def keys_revoke(
     try:
         key_id = _with_session(settings, work)
     except APIError as exc:
-        err.print(f"[red]{exc.message}[/red]")
+        say(exc.message, "red")
         raise typer.Exit(1) from None
     err.print(f"Revoked key {key_id}.")
 
@@ -300,7 +308,7 @@ def keys_list(
     try:
         rows = _with_session(settings, work)
     except APIError as exc:
-        err.print(f"[red]{exc.message}[/red]")
+        say(exc.message, "red")
         raise typer.Exit(1) from None
     table = Table("project", "scope", "created", "last used", "revoked")
     table.columns[0:0] = [Column("id", no_wrap=True), Column("prefix", no_wrap=True)]
@@ -314,7 +322,7 @@ def keys_list(
             f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "-",
             f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-",
         )
-    Console().print(table)
+    out.print(table)
 
 
 BaseUrlOption = Annotated[
@@ -339,13 +347,19 @@ def files_upload(
     base_url: BaseUrlOption = "http://127.0.0.1:8000",
 ) -> None:
     """Upload a file with a progress bar (files over 512 MB go through the Uploads API)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     from app.files.client import TunegateClient
 
     client = TunegateClient(base_url, api_key)
     columns = (
-        "[progress.description]{task.description}",
+        TextColumn("{task.description}", markup=False, style="progress.description"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -379,7 +393,7 @@ def files_validate(
     try:
         target = resolve_target(settings, model, method, n_epochs)
     except APIError as exc:
-        err.print(f"[red]{exc.message}[/red]")
+        say(exc.message, "red")
         raise typer.Exit(2) from None
     report = validate_file(path, target, max_line_bytes=settings.validation.max_line_bytes)
     if as_json:
@@ -391,13 +405,18 @@ def files_validate(
 
 
 def _print_report(path: Path, report: dict[str, object]) -> None:
-    console = Console()
+    from rich.text import Text
+
     colour = {"valid": "green", "valid_with_warnings": "yellow", "invalid": "red"}
     verdict = str(report["verdict"])
-    console.print(
-        f"[bold]{path.name}[/bold]: [{colour.get(verdict, 'white')}]{verdict}[/] — "
-        f"{report['examples']} examples, format {report['format']}, model {report['model']} "
-        f"({report['method']})"
+    out.print(
+        Text.assemble(
+            (path.name, "bold"),
+            ": ",
+            (verdict, colour.get(verdict, "")),
+            f" — {report['examples']} examples, format {report['format']}, "
+            f"model {report['model']} ({report['method']})",
+        )
     )
     for title, key in (("Errors", "errors"), ("Warnings", "warnings")):
         items = report.get(key) or []
@@ -413,12 +432,12 @@ def _print_report(path: Path, report: dict[str, object]) -> None:
                 for o in item.get("occurrences", [])[:3]
             )
             table.add_row(item["code"], str(item["count"]), places or item.get("message", ""))
-        console.print(table)
+        out.print(table)
     tokens = report.get("tokens") or {}
     cost = report.get("cost") or {}
     if isinstance(tokens, dict) and isinstance(cost, dict):
         usd = cost.get("usd")
-        console.print(
+        out.print(
             f"Tokens: {tokens.get('total')} total, {tokens.get('trained')} trained "
             f"({tokens.get('tokenizer')}). Epochs: {cost.get('n_epochs')} "
             f"({cost.get('n_epochs_source')}). Billable: {cost.get('billable_tokens')} tokens"
@@ -461,7 +480,7 @@ def files_list(
             str(item.get("examples") if item.get("examples") is not None else "-"),
             f"{created:%Y-%m-%d %H:%M}",
         )
-    Console().print(table)
+    out.print(table)
 
 
 # --- tunegate jobs ...: fine-tuning jobs on a running tunegate, over its HTTP API ---------------
@@ -530,10 +549,16 @@ def file_or_path(value: str, option: str) -> str | Path:
 
 
 def upload_file(files: TunegateClient, path: Path, purpose: str = "fine-tune") -> str:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     columns = (
-        "[progress.description]{task.description}",
+        TextColumn("{task.description}", markup=False, style="progress.description"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -750,11 +775,11 @@ def _outage(exc: Exception) -> None:
 
 def _follow(jobs: JobsClient, job_id: str, interval: float) -> int:
     """Follow until the job ends; the exit status for it."""
-    console = Console(highlight=False)
+    screen = console(highlight=False)
     last: Update | None = None
     try:
-        if console.is_terminal and not console.is_dumb_terminal:
-            last = _follow_with_bar(console, jobs, job_id, interval)
+        if screen.is_terminal and not screen.is_dumb_terminal:
+            last = _follow_with_bar(screen, jobs, job_id, interval)
         else:
             # Not a terminal: one plain line per event, flushed, never a redrawn bar.
             for last in jobs.watch(job_id, interval, on_outage=_outage):
@@ -770,7 +795,7 @@ def _follow(jobs: JobsClient, job_id: str, interval: float) -> int:
     return _report_end(last)
 
 
-def _follow_with_bar(console: Console, jobs: JobsClient, job_id: str, interval: float) -> Update:
+def _follow_with_bar(screen: Console, jobs: JobsClient, job_id: str, interval: float) -> Update:
     from rich.progress import (
         BarColumn,
         Progress,
@@ -790,7 +815,7 @@ def _follow_with_bar(console: Console, jobs: JobsClient, job_id: str, interval: 
         TimeElapsedColumn(),
     )
     last: Update | None = None
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=screen, transient=True) as progress:
         task = progress.add_task("", total=None, steps="", detail="")
         for last in jobs.watch(job_id, interval, on_outage=_outage):
             for event in last.events:
@@ -863,12 +888,11 @@ def _print_jobs(found: list[Job]) -> None:
         )
         for job in found
     ]
-    console = Console()
-    if console.is_terminal:
+    if out.is_terminal:
         table = Table(*(Column(name, no_wrap=name == "id") for name in headers))
         for row in rows:
             table.add_row(*row)
-        console.print(table)
+        out.print(table)
         return
     # Piped: aligned plain columns that never wrap, for grep and awk.
     widths = [max(len(v) for v in column) for column in zip(headers, *rows, strict=True)]

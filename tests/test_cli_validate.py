@@ -53,3 +53,28 @@ def test_unknown_model_is_a_clean_error(tmp_path: Path) -> None:
     result = run(tmp_path, str(SEEDS / "marv_en.jsonl"), "--model", "gpt-99")
     assert result.returncode == 2
     assert "gpt-99" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_text_that_looks_like_markup_is_printed_as_written(tmp_path: Path) -> None:
+    # Roles, keys, file names and model names come from users: "[/]" is not a closing tag, and
+    # "[bold]" is not a style to apply.
+    path = tmp_path / "[bold]data[x].jsonl"
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    odd = {
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "[/]", "content": "y"},
+            {"role": "assistant", "content": "z", "[bold]k[/bold]": 1},
+        ]
+    }
+    path.write_text("".join(json.dumps(line) + "\n" for line in [good] * 10 + [odd]))
+    result = run(tmp_path, str(path), "--model", "gpt-4o-mini")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    text = " ".join(result.stdout.split())  # the table may wrap a long message
+    assert "[bold]data[x].jsonl" in text
+    assert "'[/]'" in text and "[bold]k[/bold]" in text
+
+    result = run(tmp_path, str(path), "--model", "[/]gpt")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "[/]gpt" in result.stderr

@@ -134,11 +134,9 @@ def evals_run(
     if as_json:
         typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     elif found["status"] == "succeeded":
-        from rich.console import Console
-
         # Piped or captured: wide enough that cells are not folded (a terminal keeps its own).
-        console = main.out if main.out.is_terminal else Console(width=240)
-        console.print(side_by_side(found))
+        screen = main.out if main.out.is_terminal else main.console(width=240)
+        screen.print(side_by_side(found))
         typer.echo(found["results"]["verdict"] or "No comparison to report.")
     if found["status"] != "succeeded":
         error = found.get("error") or {}
