@@ -556,9 +556,10 @@ def test_stratified_split_puts_every_label_in_both_files(tmp_path: pathlib.Path)
 def test_stratified_split_keeps_one_of_each_label_for_training(tmp_path: pathlib.Path) -> None:
     path = write(tmp_path, "s.jsonl", sentiment(9, 1) + jsonl(chat("q", "0"), chat("r", "2")))
     _, _, result = split(path, 0.5, stratify_by_label=True)
-    # round(4.5) = 4 (half to even); round(0.5 * 2) = 1; round(0.5) = 0 and 1 must stay anyway.
+    # 6 of the 12 to validation: 4.5, 1 and 0.5 wanted; the half goes to "1", which has more
+    # than one example to give, not to "2", whose one example would then never be trained on.
     assert result.labels == {
-        "1": {"train": 5, "validation": 4},
+        "1": {"train": 4, "validation": 5},
         "0": {"train": 1, "validation": 1},
         "2": {"train": 1, "validation": 0},
     }
@@ -566,6 +567,43 @@ def test_stratified_split_keeps_one_of_each_label_for_training(tmp_path: pathlib
     path = write(tmp_path, "t.jsonl", jsonl(chat("a", "x"), chat("b", "y"), chat("c", "x")))
     _, _, result = split(path, 0.05, stratify_by_label=True)
     assert result.labels == {"x": {"train": 1, "validation": 1}, "y": {"train": 1, "validation": 0}}
+
+
+def test_stratifying_mostly_different_answers_keeps_the_fraction(tmp_path: pathlib.Path) -> None:
+    # 60 answers, all different: every label has one example; 12 of them go to validation, the
+    # seed deciding which, instead of the single one a per-label rounding would give.
+    path = write(tmp_path, "s.jsonl", jsonl(*(chat(f"q{i}", f"answer {i}") for i in range(60))))
+    chosen = set()
+    for seed in range(3):
+        _, validation, result = split(path, 0.2, seed=seed, stratify_by_label=True)
+        assert (result.train_examples, result.validation_examples) == (48, 12)
+        assert result.labels is not None and len(result.labels) == 60
+        assert sum(sides["validation"] for sides in result.labels.values()) == 12
+        chosen.add(validation)
+    assert len(chosen) == 3
+
+
+@pytest.mark.parametrize("stratify", [False, True])
+def test_copies_of_an_example_go_to_the_same_file(tmp_path: pathlib.Path, stratify: bool) -> None:
+    examples = [chat(f"review {i}", str(i % 2)) for i in range(40)]
+    # Exact copies, and one with its keys in another order and other spacing.
+    copies = [examples[3], examples[3], examples[7]]
+    reordered = json.dumps(
+        {"messages": [dict(reversed(m.items())) for m in examples[9]["messages"]]},
+        indent=None,
+        separators=(" ,", " : "),
+    )
+    path = write(tmp_path, "d.jsonl", jsonl(*examples, *copies) + reordered + "\n")
+    for seed in range(10):
+        train, validation, result = split(path, 0.25, seed=seed, stratify_by_label=stratify)
+        assert result.train_examples + result.validation_examples == 44
+        canonical = [
+            {json.dumps(json.loads(line), sort_keys=True) for line in part.splitlines()}
+            for part in (train, validation)
+        ]
+        assert not canonical[0] & canonical[1], seed
+        # Distinct examples are what is sampled: 10 of the 40.
+        assert len(canonical[1]) == 10
 
 
 def test_stratified_labels_of_every_jsonl_format(tmp_path: pathlib.Path) -> None:

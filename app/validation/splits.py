@@ -3,13 +3,15 @@
 `split_file` sends each non-blank line of a JSONL file (any format: chat, DPO, prompt/completion,
 Gemini, Vertex) to a train or a validation file. The same input and seed always give
 byte-identical outputs; each line lands in exactly one output, in its original order; blank
-lines are dropped and every output line ends with a newline.
+lines are dropped and every output line ends with a newline. Copies of one example (the same
+JSON, whatever its key order or spacing) all go to the same file: no example is in both.
 
-The file is read twice and never held in memory. The first pass counts the examples (and, to
-stratify, notes a small label id per line); the validation lines are then chosen during the
-second pass by selection sampling (Knuth's Algorithm S), which picks exactly the wanted number
-uniformly at random while storing nothing per line. Lines are copied in bounded pieces, so even a
-line of gigabytes does not have to fit in memory, except when it must be parsed for its label.
+The file is read twice and never held in memory. The first pass notes an 8-byte hash of each
+example (and, to stratify, a small label id); the validation examples are then chosen during the
+second pass by selection sampling (Knuth's Algorithm S) over the distinct examples, which picks
+exactly the wanted number uniformly at random, remembering only the choices made for examples
+that occur more than once. Lines are copied in bounded pieces; a line is parsed whole only up to
+MAX_PARSED_LINE_BYTES (a longer one counts as an example of its own, unlabelled).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+import numpy as np
 import orjson
 
 __all__ = [
@@ -42,8 +45,9 @@ MAX_LABELS: Final = 1000
 # The label under which lines without one (not JSON, no answer, an answer that is not text, a
 # line too long to parse) are stratified and reported.
 UNLABELLED: Final = "(no label)"
-# Lines longer than this are not parsed for a label, which bounds the memory of stratifying.
-MAX_LABELLED_LINE_BYTES: Final = 64 * 1024 * 1024
+# Lines longer than this are not parsed (for their label or to find their copies), which
+# bounds the memory of the first pass.
+MAX_PARSED_LINE_BYTES: Final = 64 * 1024 * 1024
 
 _PIECE_BYTES: Final = 1024 * 1024
 _UTF8_BOM: Final = codecs.BOM_UTF8
@@ -85,51 +89,83 @@ def split_file(
         )
     source = Path(source)
     rng = random.Random(options.seed)
-    if not options.stratify_by_label:
-        examples = _count_examples(source)
-        _check_examples(examples)
-        size = min(max(round(fraction * examples), 1), examples - 1)
-        choose = _sampler(rng, [size], [examples])
-        written = _write(source, lambda _: choose(0), train, validation)
-        return SplitResult(train_examples=written[0], validation_examples=written[1])
-
-    names, label_ids = _labels(source)
-    examples = len(label_ids)
-    _check_examples(examples)
-    counts = [0] * len(names)
-    for label in label_ids:
-        counts[label] += 1
-    wanted = _stratified_sizes(counts, fraction)
+    stratify = options.stratify_by_label
+    names, label_ids, hashes = _survey(source, stratify)
+    copied = _copied(hashes)
+    # Distinct examples per label (one label when not stratifying): what is sampled.
+    counts = [0] * max(len(names), 1)
+    first_seen: set[int] = set()
+    for index, example_hash in enumerate(hashes):
+        if example_hash in copied:
+            if example_hash in first_seen:
+                continue
+            first_seen.add(example_hash)
+        counts[label_ids[index] if stratify else 0] += 1
+    del first_seen
+    distinct = sum(counts)
+    if distinct < 2:
+        raise ValueError(
+            f"the file has {len(hashes)} example{'' if len(hashes) == 1 else 's'}"
+            + (f" ({distinct} distinct)" if distinct != len(hashes) else "")
+            + "; a split needs at least 2 different ones, one for each file"
+        )
+    wanted = _sizes(counts, fraction, rng) if stratify else [_size(distinct, fraction)]
     choose = _sampler(rng, wanted, counts)
-    written = _write(source, lambda index: choose(label_ids[index]), train, validation)
+    decided: dict[int, bool] = {}  # the side of each example that has copies, once chosen
+    per_label = [[0, 0] for _ in counts]
+
+    def to_validation(index: int) -> bool:
+        example_hash = hashes[index]
+        label = label_ids[index] if stratify else 0
+        chosen = decided.get(example_hash)
+        if chosen is None:
+            chosen = choose(label)
+            if example_hash in copied:
+                decided[example_hash] = chosen
+        per_label[label][chosen] += 1
+        return chosen
+
+    written = _write(source, to_validation, train, validation)
     return SplitResult(
         train_examples=written[0],
         validation_examples=written[1],
         labels={
-            name: {"train": count - chosen, "validation": chosen}
-            for name, count, chosen in zip(names, counts, wanted, strict=True)
-        },
+            name: {"train": sides[0], "validation": sides[1]}
+            for name, sides in zip(names, per_label, strict=True)
+        }
+        if stratify
+        else None,
     )
 
 
-def _check_examples(examples: int) -> None:
-    if examples < 2:
-        raise ValueError(
-            f"the file has {examples} example{'' if examples == 1 else 's'}; a split needs at "
-            "least 2, one for each file"
-        )
+def _size(examples: int, fraction: float) -> int:
+    """How many of `examples` (>= 2) go to validation: at least one, and one kept for train."""
+    return min(max(round(fraction * examples), 1), examples - 1)
 
 
-def _stratified_sizes(counts: list[int], fraction: float) -> list[int]:
-    """How many of each label go to validation: round(fraction * count), one kept for train."""
-    wanted = [min(round(fraction * count), count - 1) for count in counts]
-    if sum(wanted) == 0:
-        # Too few examples for any label to give one up: validation still needs one, taken from
-        # the largest label (the first of the largest, for determinism), which keeps one for
-        # train if it has two; when every label has a single example, one label goes unseen
-        # in training, which a split of such a file cannot avoid.
-        largest = max(range(len(counts)), key=lambda label: counts[label])
-        wanted[largest] = 1
+def _sizes(counts: list[int], fraction: float, rng: random.Random) -> list[int]:
+    """How many of each label go to validation, `_size(total)` in all, as close to `fraction`
+    of each label as whole examples allow (largest remainders first; a label of two or more
+    keeps one for train). A label of one example goes to one side: with answers that are
+    mostly different, the split is then a plain random one of the wanted size."""
+    quotas = [fraction * count for count in counts]
+    caps = [count - 1 if count > 1 else count for count in counts]
+    wanted = [min(int(quota), cap) for quota, cap in zip(quotas, caps, strict=True)]
+    missing = _size(sum(counts), fraction) - sum(wanted)
+    # At equal remainders a label of two or more gives first (a label of one example sent to
+    # validation is never trained on); the remaining ties (many labels of one example each)
+    # are broken at random, so the seed decides which.
+    order = sorted(
+        range(len(counts)),
+        key=lambda label: (wanted[label] - quotas[label], counts[label] == 1, rng.random()),
+    )
+    while missing > 0:
+        open_labels = [label for label in order if wanted[label] < caps[label]][:missing]
+        if not open_labels:  # not reached: the caps add up to at least half the examples
+            break
+        for label in open_labels:
+            wanted[label] += 1
+        missing -= len(open_labels)
     return wanted
 
 
@@ -172,21 +208,6 @@ def _pieces(source: Path) -> Iterator[tuple[bytes, bool]]:
             yield piece, piece.endswith(b"\n")
 
 
-def _count_examples(source: Path) -> int:
-    """Count the non-blank lines, and check that the first one starts a JSON object."""
-    examples = 0
-    nonblank = False  # whether the current line has shown a non-blank byte yet
-    for piece, ends in _pieces(source):
-        if not nonblank and (stripped := piece.lstrip(_WHITESPACE)):
-            nonblank = True
-            if examples == 0:
-                _check_jsonl(stripped)
-            examples += 1
-        if ends:
-            nonblank = False
-    return examples
-
-
 def _check_jsonl(first_line: bytes) -> None:
     if not first_line.startswith(b"{"):
         raise ValueError(
@@ -195,17 +216,23 @@ def _check_jsonl(first_line: bytes) -> None:
         )
 
 
-def _labels(source: Path) -> tuple[list[str], array[int]]:
-    """Label names in order of appearance, and each example's label id, one per example."""
+def _survey(source: Path, stratify: bool) -> tuple[list[str], array[int], array[int]]:
+    """The first pass: label names in order of appearance and each example's label id (when
+    stratifying), and each example's hash (`_example_hash`), one per example."""
     names: list[str] = []
     ids: dict[str, int] = {}
-    # 4 bytes per example, however long the labels.
+    # 4 and 8 bytes per example, however long the examples and labels.
     label_ids: array[int] = array("I")
+    hashes: array[int] = array("q")
     with source.open("rb") as f:
         for line in _whole_lines(f):
-            if not label_ids:
+            if not hashes:
                 _check_jsonl(line.lstrip(_WHITESPACE))
-            label = _label(line)
+            value = _parsed(line)
+            hashes.append(_example_hash(line, value, len(hashes)))
+            if not stratify:
+                continue
+            label = _label(value)
             if label not in ids:
                 if len(names) == MAX_LABELS:
                     raise ValueError(
@@ -215,16 +242,44 @@ def _labels(source: Path) -> tuple[list[str], array[int]]:
                 ids[label] = len(names)
                 names.append(label)
             label_ids.append(ids[label])
-    return names, label_ids
+    return names, label_ids, hashes
+
+
+_UNPARSED: Final = object()  # a line that is not JSON, or too long to parse
+
+
+def _parsed(line: bytes) -> Any:
+    try:
+        return orjson.loads(line) if line else _UNPARSED
+    except orjson.JSONDecodeError:
+        return _UNPARSED
+
+
+def _example_hash(line: bytes, value: Any, index: int) -> int:
+    """Equal for copies of one example: its JSON with sorted keys (key order and spacing do not
+    matter), else its stripped bytes; a line too long to parse is unlike any other."""
+    if value is not _UNPARSED:
+        return hash(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    if line:
+        return hash(line.strip(_WHITESPACE))
+    return hash(("too long to compare", index))
+
+
+def _copied(hashes: array[int]) -> set[int]:
+    """The hashes that occur more than once: examples with copies."""
+    if not hashes:
+        return set()
+    values, occurrences = np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
+    return set(values[occurrences > 1].tolist())
 
 
 def _whole_lines(f: BinaryIO) -> Iterator[bytes]:
-    """The non-blank lines, whole; a line over MAX_LABELLED_LINE_BYTES yields b"" instead.
+    """The non-blank lines, whole; a line over MAX_PARSED_LINE_BYTES yields b"" instead.
 
     Must see the same non-blank lines as `_pieces` does, in the same order: the label ids are
     matched to lines by position.
     """
-    limit = MAX_LABELLED_LINE_BYTES
+    limit = MAX_PARSED_LINE_BYTES
     first = True
     # limit + 1: a line of exactly `limit` bytes plus its newline is still read whole.
     while line := f.readline(limit + 1):
@@ -244,12 +299,8 @@ def _whole_lines(f: BinaryIO) -> Iterator[bytes]:
             yield line
 
 
-def _label(line: bytes) -> str:
+def _label(value: Any) -> str:
     """The example's answer, stripped: what stratification keeps in proportion."""
-    try:
-        value = orjson.loads(line) if line else None
-    except orjson.JSONDecodeError:
-        return UNLABELLED
     if not isinstance(value, dict):
         return UNLABELLED
     answer: Any = None
