@@ -246,3 +246,31 @@ async def test_a_bad_suffix_says_what_is_allowed(api) -> None:
     body = {"model": "gpt-4o-mini-2024-07-18", "training_file": "file-x", "suffix": "a b"}
     error = assert_envelope(await api.post("/v1/fine_tuning/jobs", json=body), 422)
     assert error["param"] == "suffix" and "letters, digits, '-' or '_'" in error["message"]
+
+
+async def test_continued_fine_tuning_starts_only_from_the_projects_own_models(
+    api, client_for, factories
+) -> None:
+    owner = await factories.key(scope=Scope.write)
+    theirs = "ft:gpt-4o-mini-2024-07-18:org-a::Theirs01"
+    await factories.fine_tuned_model(owner.project, theirs)
+    me = await factories.key(scope=Scope.write)
+    mine = "ft:gpt-4o-mini-2024-07-18:org-a::Mine0001"
+    await factories.fine_tuned_model(me.project, mine)
+    caller = client_for(me.key)
+    training = await upload(caller, adder_jsonl(20))
+    before = (await caller.get("/v1/fine_tuning/jobs")).json()["data"]  # the one that made mine
+    for model in (theirs, "ft:gpt-4o-mini-2024-07-18:org-a::NoSuch01"):
+        error = assert_envelope(
+            await caller.post(
+                "/v1/fine_tuning/jobs", json={"model": model, "training_file": training}
+            ),
+            404,
+        )
+        assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert (await caller.get("/v1/fine_tuning/jobs")).json()["data"] == before
+    created = await caller.post(
+        "/v1/fine_tuning/jobs", json={"model": mine, "training_file": training}
+    )
+    assert created.status_code == 200, created.text
+    assert created.json()["model"] == mine

@@ -13,13 +13,12 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.inference.repository import AliasRepository, UsageRepository
 from app.inference.usage import UsageRecorder
 from app.kit.errors import APIError, Conflict, NotFound
-from app.models import Job, JobCheckpoint, ModelAlias, UsageRecord
+from app.models import ModelAlias, UsageRecord
 from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import (
     Provider,
@@ -27,7 +26,6 @@ from app.providers.base import (
     ProviderNotFound,
 )
 from app.registry import service as registry
-from app.registry.repository import FineTunedModelRepository
 from app.validation.catalog import known_models, resolve_model
 
 
@@ -146,19 +144,7 @@ async def _provider_of(
     model or checkpoint (`ft:…`) of the project, else a base model of a configured provider."""
     if not model.startswith("ft:"):
         return await registry.base_model_provider(session, configured, model)
-    tuned = await FineTunedModelRepository(session, project_id).get(model)
-    if tuned is not None:
-        return tuned.provider
-    checkpoint_provider: str | None = await session.scalar(
-        select(Job.provider)
-        .join(JobCheckpoint, JobCheckpoint.job_id == Job.id)
-        .where(
-            JobCheckpoint.project_id == project_id,
-            JobCheckpoint.fine_tuned_model_checkpoint == model,
-        )
-        .limit(1)
-    )
-    return checkpoint_provider
+    return await registry.tuned_model_provider(session, project_id, model)
 
 
 async def served_request(

@@ -120,6 +120,8 @@ async def create_job(
     validations.resolve_target(
         context.settings, body.model, body.method.type if body.method else "supervised"
     )
+    if body.model.startswith("ft:"):
+        await _check_tuned_model(session, project_id, body.model)
     method, hyperparameters = _method_and_hyperparameters(body)
     if body.integrations:
         raise BadRequest(
@@ -244,6 +246,21 @@ async def create_job(
     await session.flush()
     await state.announce(session, job, "fine_tuning.job.created")
     return job
+
+
+async def _check_tuned_model(session: AsyncSession, project_id: str, model: str) -> None:
+    """Continued fine-tuning starts from a fine-tuned model or checkpoint of the project's own
+    (another project's is not found, as in chat), and only at a provider that can."""
+    provider = await registry.tuned_model_provider(session, project_id, model)
+    if provider is None:
+        raise registry.model_not_found(model)
+    if provider == LOCAL:
+        raise BadRequest(
+            f"The local provider cannot fine-tune a fine-tuned model ('{model}') further: "
+            "fine-tune its base model on the earlier training data and the new data together.",
+            param="model",
+            code="model_not_available",
+        )
 
 
 def _refuse_invalid(report_row: Any, file_id: str, param: str) -> None:

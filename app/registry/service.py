@@ -13,13 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.kit.errors import NotFound
 from app.kit.logging import get_logger
 from app.kit.time import to_unix, utcnow
+from app.models import Job, JobCheckpoint
 from app.providers.base import Provider, ProviderError
-from app.registry.repository import RegistryRepository
+from app.registry.repository import FineTunedModelRepository, RegistryRepository
 from app.validation.catalog import known_models, resolve_model
 
 log = get_logger("tunegate.registry")
@@ -122,6 +124,24 @@ async def base_model_provider(session: AsyncSession, providers: set[str], model:
     if not providers:
         return None
     return await RegistryRepository(session).provider_of(model, providers)
+
+
+async def tuned_model_provider(session: AsyncSession, project_id: str, model: str) -> str | None:
+    """The provider of a fine-tuned model or checkpoint (`ft:…`) of the project; None when it
+    is unknown, deleted or another project's."""
+    tuned = await FineTunedModelRepository(session, project_id).get(model)
+    if tuned is not None:
+        return tuned.provider
+    checkpoint_provider: str | None = await session.scalar(
+        select(Job.provider)
+        .join(JobCheckpoint, JobCheckpoint.job_id == Job.id)
+        .where(
+            JobCheckpoint.project_id == project_id,
+            JobCheckpoint.fine_tuned_model_checkpoint == model,
+        )
+        .limit(1)
+    )
+    return checkpoint_provider
 
 
 async def shutdown_within(
