@@ -173,6 +173,13 @@ def check_the_trained_job(client: openai.OpenAI, http: httpx.Client, job_id: str
     last = checkpoints[-1].fine_tuned_model_checkpoint
     assert ask(client, last, POSITIVE) == "1"
     assert tuned in {m.id for m in client.models.list()}
+    # Training it further would start from the base model, the adapter unused: refused.
+    for start in (tuned, last):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.fine_tuning.jobs.create(model=start, training_file=done.training_file)
+        error = refused.value.body
+        assert isinstance(error, dict) and error["code"] == "model_not_available", error
+        assert error["param"] == "model" and "base model" in error["message"]
     return done
 
 
