@@ -9,6 +9,7 @@ that the model learns; bench/trainer.py and the acceptance check do that.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -228,6 +229,23 @@ def test_greedy_generation_is_deterministic_and_reports_usage(
         engine.generate(source, None, messages, temperature=0, max_tokens=12, stop=[stop])
     )
     assert finish == "stop" and cut == text[: text.index(stop)]
+
+
+def test_penalties_lower_the_logits_of_tokens_already_generated(
+    source: engine.BaseModelSource,
+) -> None:
+    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+    def most_repeated(**penalties: float) -> tuple[str, int]:
+        gen = engine.generate(source, None, messages, temperature=0, max_tokens=40, **penalties)
+        text = "".join(gen)
+        return text, max(Counter(text.split()).values())
+
+    plain, plain_repeats = most_repeated()
+    penalized, penalized_repeats = most_repeated(frequency_penalty=2.0)
+    assert penalized != plain and penalized_repeats < plain_repeats, (plain, penalized)
+    assert most_repeated(presence_penalty=2.0)[0] != plain
+    assert most_repeated(frequency_penalty=0.0, presence_penalty=0.0)[0] == plain
 
 
 def test_generation_ends_at_end_of_turn_and_can_be_closed(source: engine.BaseModelSource) -> None:

@@ -125,6 +125,35 @@ def test_the_base_model_is_listed_and_validated_with_its_own_tokenizer(
     error = refused.value.body
     assert isinstance(error, dict) and error["param"] == "messages[0].role", error
     assert "Invalid value: 'wizard'. Supported values are: 'system'," in error["message"]
+    # What a local model cannot honour is refused, not ignored; what OpenAI does not know is
+    # refused as OpenAI refuses it.
+    hi = [{"role": "user", "content": "hi"}]
+    refusals: list[tuple[dict[str, Any], str, str]] = [
+        ({"response_format": {"type": "json_object"}}, "response_format", "does not support"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "does not support"),
+        ({"presence_penalty": 3}, "presence_penalty", "from -2.0 to 2.0"),
+        ({"extra_body": {"foo_bar": 1}}, "foo_bar", "Unrecognized request argument"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when"),
+        ({"max_tokens": 100_000_000}, "max_tokens", "too large"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "got null"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "empty"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+            "Missing required parameter",
+        ),
+        (
+            {"messages": [*hi, {"role": "tool", "content": "4", "tool_call_id": "call_1"}]},
+            "messages[1].role",
+            "tool_calls",
+        ),
+    ]
+    for change, param, words in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**({"model": BASE, "messages": hi} | change))
+        error = refused.value.body
+        assert isinstance(error, dict) and error["param"] == param, (change, error)
+        assert words in error["message"], (change, error)
 
 
 def check_the_trained_job(client: openai.OpenAI, http: httpx.Client, job_id: str) -> Any:

@@ -1107,15 +1107,20 @@ def generate(
     max_tokens: int | None = None,
     stop: list[str] | None = None,
     seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     tools: list[Any] | None = None,
     device: str = "cpu",
 ) -> Generation:
     """Chat completion of `messages` by the base model, or with a LoRA `adapter` applied.
 
     Returns a `Generation` that streams text deltas (a manual token loop with a KV cache, so
-    closing it stops the work). Greedy when `temperature` is 0. Stops at an end-of-turn token,
-    at a stop sequence (cut out of the text) or after `max_tokens` (default: 512, at most what
-    the context leaves). Raises ValueError when the prompt leaves no room in the context.
+    closing it stops the work). Greedy when `temperature` is 0. The penalties work as OpenAI
+    describes them: each token's logit is lowered by `frequency_penalty` times the number of
+    times it was generated so far, plus `presence_penalty` once it was. Stops at an
+    end-of-turn token, at a stop sequence (cut out of the text) or after `max_tokens`
+    (default: 512, at most what the context leaves). Raises ValueError when the prompt leaves
+    no room in the context.
     """
     import torch
 
@@ -1161,13 +1166,19 @@ def generate(
                     logits_to_keep=1,
                 )
             past, logits = out.cache, out.logits[0, -1]
+            # How often each token was generated, when a penalty needs it.
+            seen = torch.zeros_like(logits) if presence_penalty or frequency_penalty else None
             finish = "length"
             while len(completion) < limit:
+                if seen is not None:
+                    logits = logits - seen * frequency_penalty - (seen > 0) * presence_penalty
                 token = _pick(logits, temperature, top_p, rng)
                 if token in eos:
                     finish = "stop"
                     break
                 completion.append(token)
+                if seen is not None:
+                    seen[token] += 1
                 generation.completion_tokens = len(completion)
                 text = tokenizer.decode(
                     completion, skip_special_tokens=True, clean_up_tokenization_spaces=False

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
+import orjson
+
 from app.config import Settings
 from app.files.storage import BlobStorage, make_storage
 from app.providers.base import (
@@ -40,8 +42,57 @@ from app.validation.messages import ROLES
 
 __all__ = ["LocalProvider", "adapter_key", "get_bytes", "put_bytes", "state_key"]
 
-# Chat parameters a local model cannot honour: refused instead of silently ignored.
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "audio", "prediction", "logit_bias")
+# OpenAI's chat parameters (CreateChatCompletionRequest), by what a local model does with them.
+# Honoured, or without effect on the answer (identifiers, metadata, cache and tier hints):
+_ACCEPTED: Final = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "seed",
+        "n",
+        "stream",
+        "stream_options",
+        "presence_penalty",
+        "frequency_penalty",
+        "user",
+        "metadata",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "service_tier",
+    }
+)
+# Accepted at their default value only (what the answer is anyway):
+_DEFAULT_ONLY: Final[dict[str, tuple[Any, ...]]] = {
+    "logprobs": (False,),
+    "store": (False,),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+}
+# A local model cannot honour these: refused instead of silently ignored (unless empty).
+_UNSUPPORTED: Final = frozenset(
+    {
+        "tools",
+        "functions",
+        "function_call",
+        "tool_choice",
+        "parallel_tool_calls",
+        "audio",
+        "prediction",
+        "logit_bias",
+        "top_logprobs",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+        "moderation",
+    }
+)
 _MAX_CHOICES = 8
 _FINGERPRINT = "fp_tunegate_local"
 
@@ -240,15 +291,7 @@ class LocalProvider(Provider):
         source = source_for(model)
         if source is None:
             raise ProviderNotFound(f"The model `{model}` does not exist.", param="model")
-        for name in _UNSUPPORTED:
-            if body.get(name) not in (None, [], {}):
-                raise ProviderBadRequest(
-                    f"The local provider does not support `{name}`.", param=name
-                )
-        if body.get("logprobs") is True:
-            raise ProviderBadRequest(
-                "The local provider does not support `logprobs`.", param="logprobs"
-            )
+        _check_parameters(body)
         adapter = None
         if model.startswith("ft:"):
             found = model_job(model)
@@ -306,7 +349,28 @@ class _Request:
             not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
         ):
             raise ProviderBadRequest("max_tokens must be a positive integer.", param="max_tokens")
+        if limit is not None and limit > source.context_limit:
+            raise ProviderBadRequest(
+                f"max_tokens is too large: {limit}. This model supports at most "
+                f"{source.context_limit} tokens, prompt and completion together.",
+                param="max_tokens",
+            )
         self.max_tokens: int | None = limit
+        self.presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+        self.frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+        options = body.get("stream_options")
+        if options is not None:
+            if body.get("stream") is not True:
+                raise ProviderBadRequest(
+                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                    param="stream_options",
+                )
+            include_usage = options.get("include_usage")
+            if include_usage is not None and not isinstance(include_usage, bool):
+                raise ProviderBadRequest(
+                    "stream_options.include_usage must be a boolean.",
+                    param="stream_options.include_usage",
+                )
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -340,10 +404,35 @@ class _Request:
                 max_tokens=self.max_tokens,
                 stop=self.stop or None,
                 seed=seed,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
                 device=self.device,
             )
         except ValueError as exc:  # the prompt does not fit the context
             raise ProviderBadRequest(str(exc), param="messages") from None
+
+
+def _check_parameters(body: dict[str, Any]) -> None:
+    for name, value in body.items():
+        if name in _ACCEPTED:
+            continue
+        if name in _DEFAULT_ONLY:
+            if value is None or value in _DEFAULT_ONLY[name]:
+                continue
+            shown = orjson.dumps(value).decode()[:100]
+            raise ProviderBadRequest(
+                f"The local provider does not support `{name}` {shown}; only its default "
+                f"({orjson.dumps(_DEFAULT_ONLY[name][0]).decode()}).",
+                param=name,
+            )
+        if name in _UNSUPPORTED:
+            if value in (None, [], {}):
+                continue
+            raise ProviderBadRequest(f"The local provider does not support `{name}`.", param=name)
+        # As OpenAI answers an argument it does not know.
+        raise ProviderBadRequest(
+            f"Unrecognized request argument supplied: {name[:64]}", param=name[:64]
+        )
 
 
 # OpenAI's message roles, listed as OpenAI lists them when it refuses one.
@@ -360,25 +449,53 @@ def _plain_message(message: Any, index: int) -> dict[str, Any]:
             f"Invalid value: '{shown}'. Supported values are: {_ROLES_TEXT}.",
             param=f"messages[{index}].role",
         )
+    role = message["role"]
+    for name in ("tool_calls", "function_call"):
+        if message.get(name) not in (None, []):
+            raise ProviderBadRequest(
+                "The local provider does not support tool calls.",
+                param=f"messages[{index}].{name}",
+            )
+    if role in ("tool", "function"):
+        # A tool's answer follows an assistant message with tool calls, which are refused.
+        raise ProviderBadRequest(
+            f"Invalid parameter: messages with role '{role}' must be a response to a "
+            "preceding message with 'tool_calls'.",
+            param=f"messages[{index}].role",
+        )
     content = message.get("content")
+    if content is None:
+        raise ProviderBadRequest(
+            f"Invalid value for 'messages[{index}].content': expected a string or an array "
+            "of text parts, got null.",
+            param=f"messages[{index}].content",
+        )
     if isinstance(content, list):  # content parts: text only
+        if not content:
+            raise ProviderBadRequest(
+                f"Invalid 'messages[{index}].content': empty array. Expected an array with "
+                "minimum length 1.",
+                param=f"messages[{index}].content",
+            )
         texts = []
-        for part in content:
+        for number, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise ProviderBadRequest(
                     "Local models accept text content parts only.",
                     param=f"messages[{index}].content",
                 )
-            texts.append(str(part.get("text", "")))
+            if not isinstance(part.get("text"), str):
+                raise ProviderBadRequest(
+                    f"Missing required parameter: 'messages[{index}].content[{number}].text'.",
+                    param=f"messages[{index}].content[{number}].text",
+                )
+            texts.append(part["text"])
         content = "".join(texts)
-    if content is None:
-        content = ""
     if not isinstance(content, str):
         raise ProviderBadRequest(
             "content must be a string or text parts.", param=f"messages[{index}].content"
         )
-    role = "system" if message["role"] == "developer" else message["role"]
-    return {"role": role, "content": content}
+    return {"role": "system" if role == "developer" else role, "content": content}
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
