@@ -103,6 +103,7 @@ async def test_files_used_by_unfinished_jobs_cannot_be_deleted(api) -> None:
         ({"suffix": "x" * 65}, 422, "suffix"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 422, "metadata"),
         ({"metadata": {f"k{i}": "v" for i in range(16)}}, 422, "metadata"),
+        ({"metadata": {"tunegate_job_id": "x"}}, 422, "metadata.tunegate_job_id"),  # reserved
         ({"hyperparameters": {"n_epochs": 51}}, 422, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"batch_size": 0}}, 422, "hyperparameters.batch_size"),
         (

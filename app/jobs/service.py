@@ -21,6 +21,7 @@ from app.files.storage import BlobStorage
 from app.jobs import state
 from app.jobs.repository import JobRepository, schedule_now
 from app.jobs.schemas import JobCreate
+from app.jobs.tasks import TAG
 from app.kit.errors import BadRequest, Conflict, InvalidPayload, NotFound
 from app.kit.ids import new_id
 from app.kit.time import utcnow
@@ -147,6 +148,12 @@ async def create_job(
         raise InvalidPayload(
             f"{', '.join(lora)} apply to the local provider's LoRA training only.",
             param=f"hyperparameters.{lora[0]}",
+        )
+    if body.metadata is not None and TAG in body.metadata and provider.name != LOCAL:
+        raise InvalidPayload(
+            f"The metadata key '{TAG}' is reserved: tunegate tags the provider's job with it "
+            "to find the job again after a failure.",
+            param=f"metadata.{TAG}",
         )
     if body.metadata is not None and len(body.metadata) >= 16 and provider.name == "openai":
         raise InvalidPayload(
