@@ -141,6 +141,32 @@ def test_a_job_is_submitted_once_and_can_be_cancelled(
     assert any("cancelled" in m for m in events) and any("Created" in m for m in events)
 
 
+def test_a_cancel_the_provider_refuses_names_tunegates_job_and_syncs_it(
+    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+) -> None:
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini-2024-07-18", training_file=training_file
+    )
+    upstream_id = wait_for(submitted(client, job.id), 30, "submission").model_extra[
+        "provider_job_id"
+    ]
+    # The job ends at the provider before tunegate has heard of it.
+    ended = emulator.post(
+        f"/v1/fine_tuning/jobs/{upstream_id}/cancel", headers={"Authorization": "Bearer x"}
+    )
+    assert ended.status_code == 200, ended.text
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.cancel(job.id)
+    error = refused.value.body
+    assert isinstance(error, dict) and job.id in error["message"], error
+    assert upstream_id not in error["message"], error
+    wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(job.id).status == "cancelled" or None,
+        10,
+        "the job's state from the provider",
+    )
+
+
 def test_a_429_storm_is_ridden_out_without_a_duplicate(
     client: openai.OpenAI, emulator: httpx.Client, training_file: str
 ) -> None:

@@ -330,6 +330,16 @@ async def _provider_call(context: JobsContext, job: Job, action: str) -> Any:
         call = getattr(provider, f"{action}_job")
         return await call(job.provider_job_id)
     except ProviderError as exc:
+        if not exc.retryable:
+            # Refused, most often because the job has moved on at the provider (finished,
+            # failed): read its state now rather than at the next scheduled sync.
+            async with context.sessionmaker() as session, session.begin():
+                locked = await JobRepository(session, job.project_id).get(job.id, for_update=True)
+                if locked is not None and not state.is_terminal(locked.status):
+                    schedule_now(locked, utcnow())
+        # The caller knows the job by tunegate's id, not by the provider's.
+        exc.message = exc.message.replace(job.provider_job_id, job.id)
+        exc.args = (exc.message,)
         raise as_api_error(exc, f"{action} the job") from None
 
 
