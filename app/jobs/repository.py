@@ -12,7 +12,14 @@ from app.db.base import Base
 from app.db.repository import ProjectScopedRepository, Repository
 from app.jobs.state import ACTIVE
 from app.kit.time import utcnow
-from app.models import FineTunedModel, Job, JobCheckpoint, JobEvent, ProviderWebhookReceipt
+from app.models import (
+    FineTunedModel,
+    Job,
+    JobCheckpoint,
+    JobEvent,
+    ProviderFile,
+    ProviderWebhookReceipt,
+)
 
 
 class JobRepository(ProjectScopedRepository[Job]):
@@ -174,6 +181,25 @@ class SyncWriter:
             )
         )
         return found
+
+    async def provider_file_ids(self, job: Job) -> dict[str, str]:
+        """The provider's ids of the job's files, each mapped to tunegate's."""
+        files = [f for f in (job.training_file, job.validation_file) if f]
+        rows = await self.session.execute(
+            select(ProviderFile.provider_file_id, ProviderFile.file_id).where(
+                ProviderFile.provider == job.provider, ProviderFile.file_id.in_(files)
+            )
+        )
+        return {provider_id: file_id for provider_id, file_id in rows.all()}
+
+    async def own_messages(self, job_id: str) -> list[str]:
+        """The messages of tunegate's own events of the job (not the provider's)."""
+        found = await self.session.scalars(
+            select(JobEvent.message).where(
+                JobEvent.job_id == job_id, JobEvent.provider_event_id.is_(None)
+            )
+        )
+        return list(found.all())
 
     async def add_events(self, rows: list[dict[str, Any]]) -> None:
         if rows:

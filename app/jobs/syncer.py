@@ -270,7 +270,14 @@ class Syncer:
             writer = SyncWriter(session)
             if fetched.events:
                 previous = await writer.last_provider_event_at(job.id)
-                await writer.add_events(_event_rows(job, fetched.events, previous))
+                renames = await writer.provider_file_ids(job)
+                if job.provider_job_id:
+                    renames[job.provider_job_id] = job.id
+                # What tunegate's own events say, or will say once this sync moves the job on.
+                own = await writer.own_messages(job.id)
+                if _moves_to(job, upstream.status):
+                    own.append(state.status_message(upstream.status) or "")
+                await writer.add_events(_event_rows(job, fetched.events, previous, renames, own))
             checkpoints = _checkpoint_rows(job, fetched.checkpoints)
             for new_checkpoint in _new(checkpoints, await writer.add_checkpoints(checkpoints)):
                 await emit(
@@ -387,14 +394,38 @@ class Syncer:
             await asyncio.gather(*self.running, return_exceptions=True)
 
 
+def _moves_to(job: Job, status: str) -> bool:
+    return (
+        status != job.status
+        and not state.is_terminal(job.status)
+        and state.can_transition(job.status, status)
+    )
+
+
 def _event_rows(
-    job: Job, events: list[ProviderEvent], previous: datetime | None
+    job: Job,
+    events: list[ProviderEvent],
+    previous: datetime | None,
+    renames: dict[str, str],
+    own: list[str],
 ) -> list[dict[str, Any]]:
     """New provider events as rows, in the provider's order. Providers stamp events in whole
     seconds; each is stored at least a microsecond after the one before it (this batch's or an
-    earlier one's, `previous`), so listings sort them exactly as the provider sent them."""
+    earlier one's, `previous`), so listings sort them exactly as the provider sent them.
+
+    Messages name the job and its files by tunegate's ids (`renames`: the provider's id ->
+    tunegate's), as the caller knows them. A plain message that says what one of tunegate's own
+    events says (`own`: "Created fine-tuning job: ftjob-…", "Fine-tuning job started.") is not
+    stored twice."""
+    said = {state.message_key(message) for message in own if message}
     rows = []
     for event in events:
+        message = event.message
+        for provider_id, ours in renames.items():
+            message = message.replace(provider_id, ours)
+        if (event.type or "message") == "message" and not event.data:
+            if state.message_key(message) in said:
+                continue
         moment = _from_unix(event.created_at) or utcnow()
         if previous is not None and moment <= previous:
             moment = previous + timedelta(microseconds=1)
@@ -405,7 +436,7 @@ def _event_rows(
                 "job_id": job.id,
                 "project_id": job.project_id,
                 "level": event.level if event.level in {"info", "warn", "error"} else "info",
-                "message": event.message,
+                "message": message,
                 "type": event.type or "message",
                 "data": event.data,
                 "provider_event_id": event.id,
