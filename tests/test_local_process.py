@@ -256,6 +256,9 @@ def test_pause_resume_and_a_cancel_that_stops_training_within_a_step(
     time.sleep(1)
     assert steps_seen() == stopped_at  # nothing after
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    # No step is reported as done after the cancel: only the trainer's note that it stopped.
+    after_cancel = messages()[: messages().index("The job was cancelled.")]
+    assert after_cancel == [stopped], after_cancel
 
 
 def test_a_local_fine_tune_learns_and_its_evaluation_beats_the_base_model(

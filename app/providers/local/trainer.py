@@ -362,6 +362,10 @@ class _Run:
             job = await self._leased(session)
             if job is None:
                 return "lost"
+            if job.status == "cancelled":
+                # Steps that ended after the cancel are not reported as progress: the job
+                # stopped at the cancel ("Training stopped at step N." follows it).
+                return "cancel"
             for item in items:
                 if isinstance(item, engine.StepReport):
                     await self._step(session, job, item)
