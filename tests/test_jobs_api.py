@@ -230,6 +230,15 @@ async def test_jobs_are_private_to_their_project(api, client_for, factories) -> 
     assert error["param"] == "training_file"
 
 
+async def test_an_undated_model_name_becomes_the_snapshot_it_names(api) -> None:
+    training = await upload(api, adder_jsonl(20))
+    created = await api.post(
+        "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": training}
+    )
+    assert created.status_code == 200, created.text
+    assert created.json()["model"] == "gpt-4o-mini-2024-07-18"
+
+
 async def test_create_is_idempotent(api) -> None:
     training = await upload(api, adder_jsonl(20))
     body = {"model": "gpt-4o-mini", "training_file": training}

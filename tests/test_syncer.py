@@ -323,6 +323,9 @@ async def test_models_lists_base_and_own_fine_tuned_models_and_deletes_them(
     base = {m["id"]: m for m in listed["data"]}
     mini = base["gpt-4o-mini-2024-07-18"]
     assert mini["object"] == "model" and mini["kind"] == "base" and mini["provider"] == "openai"
+    # The undated name is a model too, as at OpenAI: the snapshot it names, under that name.
+    undated = (await api.get("/v1/models/gpt-4o-mini")).json()
+    assert undated == mini | {"id": "gpt-4o-mini"}, undated
     assert mini["context_limit"] > 0 and mini["training_usd_per_1m"] > 0
     assert set(mini["methods"]) == {"supervised", "dpo"}
 

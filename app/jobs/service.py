@@ -206,10 +206,13 @@ async def create_job(
         )
 
     now = utcnow()
+    # An undated name ("gpt-4o-mini") is stored and sent as the snapshot it names, which the
+    # job object then shows, as OpenAI's does.
+    model = body.model if body.model.startswith("ft:") else target.model.id
     job = Job(
         id=new_id("ftjob-"),
         provider=provider.name,
-        model=body.model,
+        model=model,
         training_file=body.training_file,
         validation_file=body.validation_file,
         method={"type": method, method: {"hyperparameters": hyperparameters}},
@@ -238,13 +241,13 @@ async def create_job(
             at=now + timedelta(microseconds=2),
         )
     shutdown = await registry.shutdown_within(
-        session, provider.name, body.model, context.settings.jobs.shutdown_warning_days, now.date()
+        session, provider.name, model, context.settings.jobs.shutdown_warning_days, now.date()
     )
     if shutdown is not None:
         state.add_event(
             session,
             job,
-            f"The base model {body.model} shuts down at {provider.name} on {shutdown}; "
+            f"The base model {model} shuts down at {provider.name} on {shutdown}; "
             "plan a move to a newer model.",
             level="warn",
             data={"shutdown_date": shutdown},

@@ -8,6 +8,7 @@ deleted.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Request
@@ -25,6 +26,7 @@ from app.providers.base import Provider, ProviderError, ProviderNotFound
 from app.registry import service
 from app.registry.repository import FineTunedModelRepository
 from app.registry.service import BaseEntry
+from app.validation.catalog import resolve_model
 from app.webhooks.events import emit
 
 router = APIRouter(
@@ -150,9 +152,13 @@ async def _model_object(
     tuned = await FineTunedModelRepository(session, project_id).get(model)
     if tuned is not None:
         return ModelObject.of_fine_tuned(tuned)
+    # An undated name ("gpt-4o-mini") is a model too, as at OpenAI: the snapshot it names,
+    # under the name asked.
+    spec = None if model.startswith("ft:") else resolve_model(model)
+    wanted = {model, spec.id} if spec is not None else {model}
     for entry in await service.base_models(session, providers):
-        if entry.id == model:
-            return ModelObject.of_base(entry)
+        if entry.id in wanted:
+            return ModelObject.of_base(replace(entry, id=model))
     return None
 
 
