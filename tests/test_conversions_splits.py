@@ -119,19 +119,27 @@ def test_csv_with_bom_quotes_newlines_and_other_columns(tmp_path: pathlib.Path) 
         '2,"He said ""hi""\r\nthen left",Who?\r\n'
         "3,only two columns\r\n"
         "4,,empty answer\r\n"
-        "5,ok,last row without newline"
+        "5,ok,Hello, world\r\n"
+        "6,yes,trailing empty fields,,\r\n"
+        "7,ok,last row without newline"
     )
     examples, result = convert(write(tmp_path, "data.csv", text), DatasetFormat.csv)
     assert examples == [
         chat("What is the capital\nof France?", "Paris"),
         chat("Who?", 'He said "hi"\r\nthen left'),
+        chat("trailing empty fields", "yes"),
         chat("last row without newline", "ok"),
     ]
-    assert result.examples_in == 5
+    assert result.examples_in == 7
     # Line numbers are where the rows start in the file, multi-line rows and blank lines counted.
     assert result.skipped == [
         {"line": 7, "reason": "the row has 2 columns; the header has 3"},
         {"line": 8, "reason": '"completion" is empty'},
+        {
+            "line": 9,
+            "reason": "the row has 4 columns; the header has 3 (a comma in a field that is not "
+            "in double quotes?)",
+        },
     ]
 
 

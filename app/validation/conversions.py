@@ -228,6 +228,12 @@ def _csv_rows(source: Path) -> Iterator[tuple[int, Any]]:
                     columns, width = _csv_header(row), len(row)
                 elif max(columns) >= len(row):
                     yield start, _Skip(f"the row has {len(row)} columns; the header has {width}")
+                elif len(row) > width and any(field.strip() for field in row[width:]):
+                    # Most often a comma in an unquoted field, which cut the text in two.
+                    yield start, _Skip(
+                        f"the row has {len(row)} columns; the header has {width} (a comma in a "
+                        "field that is not in double quotes?)"
+                    )
                 else:
                     yield start, {"prompt": row[columns[0]], "completion": row[columns[1]]}
         except UnicodeDecodeError:
