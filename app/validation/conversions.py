@@ -230,9 +230,12 @@ def _csv_rows(source: Path) -> Iterator[tuple[int, Any]]:
                     yield start, _Skip(f"the row has {len(row)} columns; the header has {width}")
                 elif len(row) > width and any(field.strip() for field in row[width:]):
                     # Most often a comma in an unquoted field, which cut the text in two.
-                    yield start, _Skip(
-                        f"the row has {len(row)} columns; the header has {width} (a comma in a "
-                        "field that is not in double quotes?)"
+                    yield (
+                        start,
+                        _Skip(
+                            f"the row has {len(row)} columns; the header has {width} (a comma in a "
+                            "field that is not in double quotes?)"
+                        ),
                     )
                 else:
                     yield start, {"prompt": row[columns[0]], "completion": row[columns[1]]}
