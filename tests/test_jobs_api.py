@@ -112,6 +112,11 @@ async def test_files_used_by_unfinished_jobs_cannot_be_deleted(api) -> None:
             "hyperparameters.learning_rate_multiplier",
         ),
         (
+            {"hyperparameters": {"learning_rate_multiplier": "2"}},  # a string, not a number
+            422,
+            "hyperparameters.learning_rate_multiplier",
+        ),
+        (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}}},
             422,
             "method.dpo.hyperparameters.beta",

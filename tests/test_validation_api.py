@@ -217,9 +217,14 @@ async def test_split_is_deterministic_and_disjoint(api) -> None:
         await api.get(f"/v1/files/{first['validation_file']['id']}/content")
     ).content.splitlines()
     assert not set(train) & set(held) and sorted(train + held) == sorted(chat_file(40).splitlines())
-    assert_envelope(
-        await api.post(f"/v1/files/{source['id']}/splits", json={"validation_fraction": 0.9}), 422
-    )
+    for fraction in (0.9, "0.2", True):  # out of range; a string or a boolean is no number
+        error = assert_envelope(
+            await api.post(
+                f"/v1/files/{source['id']}/splits", json={"validation_fraction": fraction}
+            ),
+            422,
+        )
+        assert error["param"] == "validation_fraction", error
     csv = await upload(api, (SEEDS / "sentiment_simple_zh.csv").read_bytes(), "s.csv")
     assert_envelope(
         await api.post(f"/v1/files/{csv['id']}/splits", json={"validation_fraction": 0.2}), 400

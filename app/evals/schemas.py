@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.kit.time import to_unix
+from app.kit.types import JSONNumber
 from app.models import Eval
 
 Metric = Literal["exact_match", "accuracy", "f1", "json_valid", "latency", "tokens"]
@@ -67,7 +68,7 @@ class EvalCreate(BaseModel):
         le=32_768,
         description="Per answer (default: twice the longest expected answer, at least 16).",
     )
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: JSONNumber = Field(default=0.0, ge=0.0, le=2.0)
     name: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 

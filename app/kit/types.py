@@ -15,10 +15,19 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
+def _json_number(value: Any) -> Any:
+    # Neither `true` nor `"0.2"` is a JSON number, though Python would convert both.
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("must be a number")
+    return value
+
+
 JSON_INTEGER = BeforeValidator(_json_integer)
+JSON_NUMBER = BeforeValidator(_json_number)
 # Put range constraints *before* JSON_INTEGER (Annotated[int, Interval(...), JSON_INTEGER]) so
-# they stay in the JSON schema.
+# they stay in the JSON schema; the same for JSON_NUMBER.
 JSONInt = Annotated[int, JSON_INTEGER]
+JSONNumber = Annotated[float, JSON_NUMBER]
 
 
 def fields_given(combinator: Literal["oneOf", "anyOf"], **types: str) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.kit.time import to_unix
+from app.kit.types import JSON_NUMBER
 from app.models import Project
 from app.projects.service import NAME_PATTERN
 
@@ -38,4 +40,4 @@ class ProjectUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
-    training_budget_usd: float | None = Field(default=None, ge=0, le=1e9)
+    training_budget_usd: Annotated[float, Interval(ge=0, le=1e9), JSON_NUMBER] | None = None

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from app.files.schemas import FileObject
 from app.kit.time import to_unix
-from app.kit.types import JSON_INTEGER, JSONInt
+from app.kit.types import JSON_INTEGER, JSON_NUMBER, JSONInt, JSONNumber
 from app.models import ValidationReport
 from app.validation.cost import EpochsSource
 from app.validation.target import Method
@@ -98,12 +98,14 @@ class Hyperparameters(BaseModel):
 
     n_epochs: Annotated[int, Interval(ge=1, le=50), JSON_INTEGER] | Literal["auto"] = "auto"
     batch_size: Annotated[int, Interval(ge=1, le=256), JSON_INTEGER] | Literal["auto"] = "auto"
-    learning_rate_multiplier: Annotated[float, Interval(gt=0, le=100)] | Literal["auto"] = "auto"
-    beta: Annotated[float, Interval(gt=0, le=2)] | Literal["auto"] | None = None
+    learning_rate_multiplier: (
+        Annotated[float, Interval(gt=0, le=100), JSON_NUMBER] | Literal["auto"]
+    ) = "auto"
+    beta: Annotated[float, Interval(gt=0, le=2), JSON_NUMBER] | Literal["auto"] | None = None
     # tunegate extensions for the local provider's LoRA training.
     lora_r: Annotated[int, Interval(ge=1, le=512), JSON_INTEGER] | None = None
     lora_alpha: Annotated[int, Interval(ge=1, le=4096), JSON_INTEGER] | None = None
-    lora_dropout: Annotated[float, Interval(ge=0, lt=1)] | None = None
+    lora_dropout: Annotated[float, Interval(ge=0, lt=1), JSON_NUMBER] | None = None
     target_modules: Annotated[list[ModuleName], Len(1, 64)] | None = None
 
 
@@ -177,7 +179,7 @@ class Conversion(BaseModel):
 class SplitCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    validation_fraction: float = Field(ge=0.05, le=0.5)
+    validation_fraction: JSONNumber = Field(ge=0.05, le=0.5)
     seed: JSONInt = Field(default=0, ge=0, le=2**31 - 1)
     stratify_by_label: StrictBool = False
 
