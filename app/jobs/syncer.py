@@ -231,13 +231,16 @@ class Syncer:
         return result
 
     async def _fetch(self, provider: Provider, claim: _Claim) -> _Fetched:
-        upstream = await self._call(
-            provider, "retrieve_job", provider.retrieve_job(claim.provider_job_id)
-        )
+        # The events first: the job, read after them, is at least as far along as they say, so
+        # a provider message about a status change ("Fine-tuning job started") comes with the
+        # job in that status, and `_write` knows tunegate's own event will say it.
         events = await self._call(
             provider,
             "list_events",
             provider.list_events(claim.provider_job_id, claim.event_cursor, EVENT_PAGE),
+        )
+        upstream = await self._call(
+            provider, "retrieve_job", provider.retrieve_job(claim.provider_job_id)
         )
         checkpoints: list[ProviderCheckpoint] = []
         if upstream.status not in {"validating_files", "queued"}:
