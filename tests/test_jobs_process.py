@@ -142,29 +142,45 @@ def test_a_job_is_submitted_once_and_can_be_cancelled(
 
 
 def test_a_cancel_the_provider_refuses_names_tunegates_job_and_syncs_it(
-    client: openai.OpenAI, emulator: httpx.Client, training_file: str
+    emulator: httpx.Client, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    job = client.fine_tuning.jobs.create(
-        model="gpt-4o-mini-2024-07-18", training_file=training_file
+    # Syncs a minute apart: only the refusal itself can make tunegate read the job soon.
+    running = start_server(
+        tmp_path_factory.mktemp("refused-cancel"),
+        TUNEGATE_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        TUNEGATE_JOBS__POLL_INTERVAL="PT0.2S",
+        TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING="PT60S",
+        TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED="PT60S",
+        OPENAI_API_KEY="sk-emulator-key",
+        OPENAI_BASE_URL=f"{emulator.base_url}/v1",
     )
-    upstream_id = wait_for(submitted(client, job.id), 30, "submission").model_extra[
-        "provider_job_id"
-    ]
-    # The job ends at the provider before tunegate has heard of it.
-    ended = emulator.post(
-        f"/v1/fine_tuning/jobs/{upstream_id}/cancel", headers={"Authorization": "Bearer x"}
-    )
-    assert ended.status_code == 200, ended.text
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.fine_tuning.jobs.cancel(job.id)
-    error = refused.value.body
-    assert isinstance(error, dict) and job.id in error["message"], error
-    assert upstream_id not in error["message"], error
-    wait_for(
-        lambda: client.fine_tuning.jobs.retrieve(job.id).status == "cancelled" or None,
-        10,
-        "the job's state from the provider",
-    )
+    try:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key=ADMIN_KEY, max_retries=0)
+        training = client.files.create(file=("t.jsonl", adder_jsonl(12)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="gpt-4o-mini-2024-07-18", training_file=training.id
+        )
+        upstream_id = wait_for(submitted(client, job.id), 30, "submission").model_extra[
+            "provider_job_id"
+        ]
+        # The job ends at the provider; tunegate has not heard of it.
+        ended = emulator.post(
+            f"/v1/fine_tuning/jobs/{upstream_id}/cancel", headers={"Authorization": "Bearer x"}
+        )
+        assert ended.status_code == 200, ended.text
+        assert client.fine_tuning.jobs.retrieve(job.id).status != "cancelled"
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.fine_tuning.jobs.cancel(job.id)
+        error = refused.value.body
+        assert isinstance(error, dict) and error["code"] == "refused_by_provider", error
+        assert job.id in error["message"] and upstream_id not in error["message"], error
+        wait_for(
+            lambda: client.fine_tuning.jobs.retrieve(job.id).status == "cancelled" or None,
+            10,
+            "the job's state from the provider",
+        )
+    finally:
+        assert running.stop() == 0
 
 
 def test_a_429_storm_is_ridden_out_without_a_duplicate(

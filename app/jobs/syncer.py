@@ -242,6 +242,14 @@ class Syncer:
         upstream = await self._call(
             provider, "retrieve_job", provider.retrieve_job(claim.provider_job_id)
         )
+        if upstream.status != claim.status:
+            # It moved on meanwhile, perhaps to its end, after which it is not synced again:
+            # its events up to now, read after it.
+            events = await self._call(
+                provider,
+                "list_events",
+                provider.list_events(claim.provider_job_id, claim.event_cursor, EVENT_PAGE),
+            )
         checkpoints: list[ProviderCheckpoint] = []
         if upstream.status not in {"validating_files", "queued"}:
             checkpoints = await self._call(
