@@ -614,6 +614,18 @@ def test_copies_of_an_example_go_to_the_same_file(tmp_path: pathlib.Path, strati
         assert len(canonical[1]) == 10
 
 
+@pytest.mark.parametrize("stratify", [False, True])
+def test_an_example_nested_deeper_than_orjson_writes_is_split_too(
+    tmp_path: pathlib.Path, stratify: bool
+) -> None:
+    deep = '{"messages": ' + "[" * 300 + "]" * 300 + "}\n"  # parses; orjson writes <= 254 levels
+    path = write(tmp_path, "d.jsonl", numbered(9) + deep + deep)
+    train, validation, result = split(path, 0.2, stratify_by_label=stratify)
+    assert result.train_examples + result.validation_examples == 11
+    # Its two copies are compared by their bytes, and go to the same file.
+    assert sorted((train.count(deep.encode()), validation.count(deep.encode()))) == [0, 2]
+
+
 def test_stratified_labels_of_every_jsonl_format(tmp_path: pathlib.Path) -> None:
     text = (
         jsonl(

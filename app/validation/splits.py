@@ -259,7 +259,10 @@ def _example_hash(line: bytes, value: Any, index: int) -> int:
     """Equal for copies of one example: its JSON with sorted keys (key order and spacing do not
     matter), else its stripped bytes; a line too long to parse is unlike any other."""
     if value is not _UNPARSED:
-        return hash(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        try:
+            return hash(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
+            pass
     if line:
         return hash(line.strip(_WHITESPACE))
     return hash(("too long to compare", index))
