@@ -335,6 +335,12 @@ async def test_models_lists_base_and_own_fine_tuned_models_and_deletes_them(
     # The undated name is a model too, as at OpenAI: the snapshot it names, under that name.
     undated = (await api.get("/v1/models/gpt-4o-mini")).json()
     assert undated == mini | {"id": "gpt-4o-mini"}, undated
+    # An alias of it is listed as it is retrieved.
+    made = await api.post("/v1/model_aliases", json={"name": "mini", "model": "gpt-4o-mini"})
+    assert made.status_code == 200, made.text
+    aliased = {m["id"]: m for m in (await api.get("/v1/models")).json()["data"]}.get("mini")
+    assert aliased is not None and aliased["alias_for"] == "gpt-4o-mini", aliased
+    assert (await api.get("/v1/models/mini")).json() == aliased
     assert mini["context_limit"] > 0 and mini["training_usd_per_1m"] > 0
     assert set(mini["methods"]) == {"supervised", "dpo"}
 

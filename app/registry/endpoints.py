@@ -123,8 +123,13 @@ async def list_models(request: Request, principal: ReadPrincipal, session: Sessi
     aliases = await AliasRepository(session, principal.project_id).list(
         AliasRepository(session, principal.project_id).select().order_by(ModelAlias.name)
     )
-    # An alias whose model is gone (deleted) routes nowhere: not listed.
-    models += [_alias_object(a, by_id[a.model]) for a in aliases if a.model in by_id]
+    # An alias whose model is gone (deleted) routes nowhere: not listed. Its model may be
+    # named undated ("gpt-4o-mini"): the snapshot that name stands for.
+    for alias in aliases:
+        spec = None if alias.model.startswith("ft:") else resolve_model(alias.model)
+        target = by_id.get(alias.model) or (by_id.get(spec.id) if spec is not None else None)
+        if target is not None:
+            models.append(_alias_object(alias, target))
     return ModelList(data=models)
 
 
