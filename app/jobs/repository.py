@@ -192,15 +192,6 @@ class SyncWriter:
         )
         return {provider_id: file_id for provider_id, file_id in rows.all()}
 
-    async def own_messages(self, job_id: str) -> list[str]:
-        """The messages of tunegate's own events of the job (not the provider's)."""
-        found = await self.session.scalars(
-            select(JobEvent.message).where(
-                JobEvent.job_id == job_id, JobEvent.provider_event_id.is_(None)
-            )
-        )
-        return list(found.all())
-
     async def add_events(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             await self.session.execute(_EVENTS_INSERT, rows)

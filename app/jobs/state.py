@@ -159,13 +159,3 @@ def _default_message(previous: str, target: str, error: dict[str, Any] | None) -
 
 def created_message(job: Job) -> str:
     return f"Created fine-tuning job: {job.id}"
-
-
-def status_message(target: str) -> str | None:
-    """What tunegate's own event says when a job moves to `target` (failures aside)."""
-    return _STATUS_MESSAGES.get(target)
-
-
-def message_key(message: str) -> str:
-    """A message as compared with another: case and a final full stop aside."""
-    return message.strip().rstrip(".").casefold()

@@ -231,25 +231,14 @@ class Syncer:
         return result
 
     async def _fetch(self, provider: Provider, claim: _Claim) -> _Fetched:
-        # The events first: the job, read after them, is at least as far along as they say, so
-        # a provider message about a status change ("Fine-tuning job started") comes with the
-        # job in that status, and `_write` knows tunegate's own event will say it.
+        upstream = await self._call(
+            provider, "retrieve_job", provider.retrieve_job(claim.provider_job_id)
+        )
         events = await self._call(
             provider,
             "list_events",
             provider.list_events(claim.provider_job_id, claim.event_cursor, EVENT_PAGE),
         )
-        upstream = await self._call(
-            provider, "retrieve_job", provider.retrieve_job(claim.provider_job_id)
-        )
-        if upstream.status != claim.status:
-            # It moved on meanwhile, perhaps to its end, after which it is not synced again:
-            # its events up to now, read after it.
-            events = await self._call(
-                provider,
-                "list_events",
-                provider.list_events(claim.provider_job_id, claim.event_cursor, EVENT_PAGE),
-            )
         checkpoints: list[ProviderCheckpoint] = []
         if upstream.status not in {"validating_files", "queued"}:
             checkpoints = await self._call(
@@ -284,11 +273,7 @@ class Syncer:
                 renames = await writer.provider_file_ids(job)
                 if job.provider_job_id:
                     renames[job.provider_job_id] = job.id
-                # What tunegate's own events say, or will say once this sync moves the job on.
-                own = await writer.own_messages(job.id)
-                if _moves_to(job, upstream.status):
-                    own.append(state.status_message(upstream.status) or "")
-                await writer.add_events(_event_rows(job, fetched.events, previous, renames, own))
+                await writer.add_events(_event_rows(job, fetched.events, previous, renames))
             checkpoints = _checkpoint_rows(job, fetched.checkpoints)
             for new_checkpoint in _new(checkpoints, await writer.add_checkpoints(checkpoints)):
                 await emit(
@@ -405,38 +390,23 @@ class Syncer:
             await asyncio.gather(*self.running, return_exceptions=True)
 
 
-def _moves_to(job: Job, status: str) -> bool:
-    return (
-        status != job.status
-        and not state.is_terminal(job.status)
-        and state.can_transition(job.status, status)
-    )
-
-
 def _event_rows(
     job: Job,
     events: list[ProviderEvent],
     previous: datetime | None,
     renames: dict[str, str],
-    own: list[str],
 ) -> list[dict[str, Any]]:
     """New provider events as rows, in the provider's order. Providers stamp events in whole
     seconds; each is stored at least a microsecond after the one before it (this batch's or an
     earlier one's, `previous`), so listings sort them exactly as the provider sent them.
 
     Messages name the job and its files by tunegate's ids (`renames`: the provider's id ->
-    tunegate's), as the caller knows them. A plain message that says what one of tunegate's own
-    events says (`own`: "Created fine-tuning job: ftjob-…", "Fine-tuning job started.") is not
-    stored twice."""
-    said = {state.message_key(message) for message in own if message}
+    tunegate's), as the caller knows them."""
     rows = []
     for event in events:
         message = event.message
         for provider_id, ours in renames.items():
             message = message.replace(provider_id, ours)
-        if (event.type or "message") == "message" and not event.data:
-            if state.message_key(message) in said:
-                continue
         moment = _from_unix(event.created_at) or utcnow()
         if previous is not None and moment <= previous:
             moment = previous + timedelta(microseconds=1)
