@@ -349,12 +349,6 @@ class _Request:
             not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
         ):
             raise ProviderBadRequest("max_tokens must be a positive integer.", param="max_tokens")
-        if limit is not None and limit > source.context_limit:
-            raise ProviderBadRequest(
-                f"max_tokens is too large: {limit}. This model supports at most "
-                f"{source.context_limit} tokens, prompt and completion together.",
-                param="max_tokens",
-            )
         self.max_tokens: int | None = limit
         self.presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
         self.frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)

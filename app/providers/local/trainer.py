@@ -362,21 +362,23 @@ class _Run:
             job = await self._leased(session)
             if job is None:
                 return "lost"
-            if job.status == "cancelled":
-                # Steps that ended after the cancel are not reported as progress: the job
-                # stopped at the cancel ("Training stopped at step N." follows it).
-                return "cancel"
-            for item in items:
-                if isinstance(item, engine.StepReport):
-                    await self._step(session, job, item)
-                else:
-                    await self._epoch(session, job, item)
+            cancelled = job.status == "cancelled"
+            if not cancelled:
+                for item in items:
+                    if isinstance(item, engine.StepReport):
+                        await self._step(session, job, item)
+                    else:
+                        await self._epoch(session, job, item)
             job.lease_until = claim.lease = utcnow() + self.settings.local.lease
-            if job.status == "cancelled":
-                return "cancel"
-            if job.status == "paused":
-                return "pause"
-            return None
+            paused = job.status == "paused"
+        if cancelled:
+            # Steps that ended after the cancel are not reported as progress ("Training
+            # stopped at step N." follows the cancel), nor kept: no checkpoint names them.
+            for item in items:
+                if isinstance(item, engine.EpochReport):
+                    await self.storage.delete(adapter_key(claim.job_id, item.step))
+            return "cancel"
+        return "pause" if paused else None
 
     async def _leased(self, session: AsyncSession) -> Job | None:
         found: Job | None = await session.scalar(
