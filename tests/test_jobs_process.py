@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -58,21 +59,33 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]
     process.wait(timeout=20)
 
 
+def start_on_emulator(
+    workdir: Path, emulator: httpx.Client, sync_interval: str, **env: str
+) -> RunningServer:
+    """A tunegate whose OpenAI is the emulator, syncing jobs every `sync_interval`."""
+    return start_server(
+        workdir,
+        TUNEGATE_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        TUNEGATE_JOBS__POLL_INTERVAL="PT0.2S",
+        TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING=sync_interval,
+        TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED=sync_interval,
+        TUNEGATE_JOBS__SYNC_INTERVAL_PAUSED=sync_interval,
+        OPENAI_API_KEY="sk-emulator-key",
+        OPENAI_BASE_URL=f"{emulator.base_url}/v1",
+        **env,
+    )
+
+
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, emulator: httpx.Client
 ) -> Iterator[RunningServer]:
-    running = start_server(
+    running = start_on_emulator(
         tmp_path_factory.mktemp("jobs-serve"),
-        TUNEGATE_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
-        TUNEGATE_JOBS__POLL_INTERVAL="PT0.2S",
-        TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING="PT0.3S",
-        TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED="PT0.3S",
-        TUNEGATE_JOBS__SYNC_INTERVAL_PAUSED="PT0.3S",
+        emulator,
+        "PT0.3S",
         TUNEGATE_INFERENCE__TIMEOUT="PT1.5S",
         TUNEGATE_INFERENCE__USAGE_FLUSH_INTERVAL="PT0.2S",
-        OPENAI_API_KEY="sk-emulator-key",
-        OPENAI_BASE_URL=f"{emulator.base_url}/v1",
     )
     yield running
     assert running.stop() == 0
@@ -145,15 +158,7 @@ def test_a_cancel_the_provider_refuses_names_tunegates_job_and_syncs_it(
     emulator: httpx.Client, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     # Syncs a minute apart: only the refusal itself can make tunegate read the job soon.
-    running = start_server(
-        tmp_path_factory.mktemp("refused-cancel"),
-        TUNEGATE_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
-        TUNEGATE_JOBS__POLL_INTERVAL="PT0.2S",
-        TUNEGATE_JOBS__SYNC_INTERVAL_RUNNING="PT60S",
-        TUNEGATE_JOBS__SYNC_INTERVAL_QUEUED="PT60S",
-        OPENAI_API_KEY="sk-emulator-key",
-        OPENAI_BASE_URL=f"{emulator.base_url}/v1",
-    )
+    running = start_on_emulator(tmp_path_factory.mktemp("refused-cancel"), emulator, "PT60S")
     try:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key=ADMIN_KEY, max_retries=0)
         training = client.files.create(file=("t.jsonl", adder_jsonl(12)), purpose="fine-tune")
