@@ -229,7 +229,7 @@ async def create_job(
         created_at=now,
     )
     JobRepository(session, project_id).add(job)
-    state.add_event(session, job, state.created_message(job), at=now)
+    state.add_event(session, job, f"Created fine-tuning job: {job.id}", at=now)
     if provider.name == LOCAL:
         # Its files were validated above, and there is nothing to submit: it waits for a trainer.
         job.status = "queued"

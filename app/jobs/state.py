@@ -10,7 +10,7 @@ webhooks it causes (`fine_tuning.job.status_changed`, then `.succeeded` / `.fail
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -142,20 +142,13 @@ def add_event(
     return event
 
 
-_STATUS_MESSAGES: Final = {
-    "queued": "Job queued at the provider.",
-    "running": "Fine-tuning job started.",
-    "succeeded": "The job has successfully completed.",
-    "cancelled": "The job was cancelled.",
-    "paused": "The job was paused.",
-}
-
-
 def _default_message(previous: str, target: str, error: dict[str, Any] | None) -> str:
     if target == "failed" and error:
         return f"The job failed: {error.get('message') or error.get('code')}"
-    return _STATUS_MESSAGES.get(target, f"Job status changed from {previous} to {target}.")
-
-
-def created_message(job: Job) -> str:
-    return f"Created fine-tuning job: {job.id}"
+    return {
+        "queued": "Job queued at the provider.",
+        "running": "Fine-tuning job started.",
+        "succeeded": "The job has successfully completed.",
+        "cancelled": "The job was cancelled.",
+        "paused": "The job was paused.",
+    }.get(target, f"Job status changed from {previous} to {target}.")
