@@ -7,23 +7,20 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator
 
 
-def _json_integer(value: Any) -> Any:
-    # JSON Schema counts 5.0 as an integer (pydantic checks it has no fraction), but neither
-    # `true` nor `"5"` is one, though Python would convert both.
-    if isinstance(value, bool | str | bytes):
-        raise ValueError("must be an integer")
-    return value
+def _json_numeric(kind: str) -> BeforeValidator:
+    """Refuses what Python would convert to a number but JSON does not count as one: `true`,
+    `"5"`. (JSON Schema counts 5.0 as an integer; pydantic checks it has no fraction.)"""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool | str | bytes):
+            raise ValueError(f"must be {kind}")
+        return value
+
+    return BeforeValidator(check)
 
 
-def _json_number(value: Any) -> Any:
-    # Neither `true` nor `"0.2"` is a JSON number, though Python would convert both.
-    if isinstance(value, bool | str | bytes):
-        raise ValueError("must be a number")
-    return value
-
-
-JSON_INTEGER = BeforeValidator(_json_integer)
-JSON_NUMBER = BeforeValidator(_json_number)
+JSON_INTEGER = _json_numeric("an integer")
+JSON_NUMBER = _json_numeric("a number")
 # Put range constraints *before* JSON_INTEGER (Annotated[int, Interval(...), JSON_INTEGER]) so
 # they stay in the JSON schema; the same for JSON_NUMBER.
 JSONInt = Annotated[int, JSON_INTEGER]
