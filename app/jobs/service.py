@@ -30,6 +30,7 @@ from app.providers.api_errors import as_api_error, provider_not_configured
 from app.providers.base import Provider, ProviderError
 from app.registry import service as registry
 from app.validation import service as validations
+from app.validation.catalog import snapshot_of
 from app.validation.cost import cost_report
 from app.validation.schemas import Hyperparameters
 from app.validation.service import ValidationContext
@@ -208,7 +209,7 @@ async def create_job(
     now = utcnow()
     # An undated name ("gpt-4o-mini") is stored and sent as the snapshot it names, which the
     # job object then shows, as OpenAI's does.
-    model = body.model if body.model.startswith("ft:") else target.model.id
+    model = snapshot_of(body.model)
     job = Job(
         id=new_id("ftjob-"),
         provider=provider.name,

@@ -26,7 +26,7 @@ from app.providers.base import Provider, ProviderError, ProviderNotFound
 from app.registry import service
 from app.registry.repository import FineTunedModelRepository
 from app.registry.service import BaseEntry
-from app.validation.catalog import resolve_model
+from app.validation.catalog import snapshot_of
 from app.webhooks.events import emit
 
 router = APIRouter(
@@ -126,8 +126,7 @@ async def list_models(request: Request, principal: ReadPrincipal, session: Sessi
     # An alias whose model is gone (deleted) routes nowhere: not listed. Its model may be
     # named undated ("gpt-4o-mini"): the snapshot that name stands for.
     for alias in aliases:
-        spec = None if alias.model.startswith("ft:") else resolve_model(alias.model)
-        target = by_id.get(alias.model) or (by_id.get(spec.id) if spec is not None else None)
+        target = by_id.get(alias.model) or by_id.get(snapshot_of(alias.model))
         if target is not None:
             models.append(_alias_object(alias, target))
     return ModelList(data=models)
@@ -159,8 +158,7 @@ async def _model_object(
         return ModelObject.of_fine_tuned(tuned)
     # An undated name ("gpt-4o-mini") is a model too, as at OpenAI: the snapshot it names,
     # under the name asked.
-    spec = None if model.startswith("ft:") else resolve_model(model)
-    wanted = {model, spec.id} if spec is not None else {model}
+    wanted = {model, snapshot_of(model)}
     for entry in await service.base_models(session, providers):
         if entry.id in wanted:
             return ModelObject.of_base(replace(entry, id=model))

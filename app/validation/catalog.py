@@ -26,6 +26,7 @@ __all__ = [
     "known_models",
     "register_models",
     "resolve_model",
+    "snapshot_of",
 ]
 
 PRICE_DATE: Final = "2025-06-01"
@@ -130,6 +131,15 @@ def resolve_model(model: str) -> ModelSpec | None:
     """The catalog entry for a model id, alias or `ft:` model id; None when unknown."""
     name = _base_name(model)
     return _BY_ID.get(_ALIASES.get(name, name)) or _REGISTERED.get(name)
+
+
+def snapshot_of(name: str) -> str:
+    """The catalog id of a base model named by its id or an undated alias ("gpt-4o-mini" ->
+    "gpt-4o-mini-2024-07-18"); any other name (an `ft:` model, an unknown one) as given."""
+    if name.startswith("ft:"):
+        return name
+    spec = resolve_model(name)
+    return spec.id if spec is not None else name
 
 
 def encoding_for_model(model: str) -> str | None:
